@@ -1,0 +1,29 @@
+# Two set-up commands on a fresh machine: `make demo` and `make test`.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(VENV)/bin/pip
+STAMP := $(VENV)/.installed
+
+.PHONY: demo test test-all install clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	# torch first, pinned: the CPU build on disk, never a multi-GB CUDA download.
+	$(PIP) install -q torch==2.13.0
+	$(PIP) install -q -e '.[dev,demo]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	HF_HUB_OFFLINE=1 $(VENV)/bin/nsn run recipes/demo.toml demo-out
+
+test: $(STAMP)
+	HF_HUB_OFFLINE=1 $(PY) -m pytest -q
+
+test-all: $(STAMP)
+	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -m ''
+
+clean:
+	rm -rf $(VENV) demo-out

@@ -1,0 +1,109 @@
+"""The `nsn` command: one short function per subcommand (flags → config → stage → summary).
+
+torch and transformers are imported inside the commands, so `nsn --help` is instant.
+Known errors (NsnError) print as one line on stderr with a non-zero exit; any other
+error does too, with the full traceback only when NSN_DEBUG=1.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from .config import ConvertConfig, help_for
+
+app = typer.Typer(name="nsn", no_args_is_help=True, add_completion=False,
+                  pretty_exceptions_enable=False,
+                  help="Nested Subspace Networks: one model, compute dialled at inference time.")
+
+
+def friendly_errors(command):
+    """Turn exceptions into one clear line and a non-zero exit (traceback with NSN_DEBUG=1)."""
+
+    @functools.wraps(command)
+    def wrapper(*args, **kwargs):
+        from .errors import NsnError
+
+        try:
+            return command(*args, **kwargs)
+        except (typer.Exit, typer.Abort):
+            raise
+        except NsnError as exc:
+            if os.environ.get("NSN_DEBUG") == "1":
+                raise
+            typer.echo(f"nsn: error: {exc}", err=True)
+            raise typer.Exit(exc.exit_code) from None
+        except KeyboardInterrupt:
+            typer.echo("nsn: interrupted", err=True)
+            raise typer.Exit(130) from None
+        except Exception as exc:  # noqa: BLE001 - the last line of defence for the CLI
+            if os.environ.get("NSN_DEBUG") == "1":
+                raise
+            message = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+            typer.echo(f"nsn: error: {type(exc).__name__}: {message} "
+                       "(set NSN_DEBUG=1 for the traceback)", err=True)
+            raise typer.Exit(1) from None
+
+    return wrapper
+
+
+def console(stderr: bool = False):
+    from rich.console import Console
+
+    return Console(stderr=stderr)
+
+
+def _h(cls, name):
+    return help_for(cls, name)
+
+
+@app.command()
+@friendly_errors
+def convert(
+    model: str = typer.Argument(..., help=_h(ConvertConfig, "model")),
+    out_dir: Path = typer.Argument(..., help=_h(ConvertConfig, "out_dir")),
+    task: Optional[str] = typer.Option(None, help=_h(ConvertConfig, "task")),
+    targets: str = typer.Option("all", help=_h(ConvertConfig, "targets")),
+    max_rank: Optional[int] = typer.Option(None, help=_h(ConvertConfig, "max_rank")),
+    max_rank_fraction: Optional[float] = typer.Option(None, help=_h(ConvertConfig, "max_rank_fraction")),
+    svd: str = typer.Option("auto", help=_h(ConvertConfig, "svd")),
+    num_labels: Optional[int] = typer.Option(None, help=_h(ConvertConfig, "num_labels")),
+    revision: Optional[str] = typer.Option(None, help=_h(ConvertConfig, "revision")),
+    trust_remote_code: bool = typer.Option(False, help=_h(ConvertConfig, "trust_remote_code")),
+    force: bool = typer.Option(False, help=_h(ConvertConfig, "force")),
+    dry_run: bool = typer.Option(False, help=_h(ConvertConfig, "dry_run")),
+):
+    """SVD surgery: replace a model's linear layers with nested factors."""
+    from . import convert as stage
+    from . import report
+
+    cfg = ConvertConfig(model=model, out_dir=str(out_dir), task=task, targets=targets,
+                        max_rank=max_rank, max_rank_fraction=max_rank_fraction, svd=svd,
+                        num_labels=num_labels, revision=revision,
+                        trust_remote_code=trust_remote_code, force=force, dry_run=dry_run)
+    with report.layer_progress("Decomposing") as (on_start, on_layer):
+        result = stage.convert(cfg, on_start=on_start, on_layer=on_layer)
+    report.convert_summary(console(), result)
+
+
+@app.command()
+@friendly_errors
+def info(project: Path = typer.Argument(..., help="Project directory.")):
+    """What a project holds: model, task, nested layers, ranks, stages done."""
+    from . import report
+    from .project import read_manifest
+
+    report.project_info(console(), project, read_manifest(project))
+
+
+def main() -> None:
+    app(prog_name="nsn")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,98 @@
+"""The convert stage: load a pretrained model, nest its linear layers, write the project."""
+
+from __future__ import annotations
+
+import datetime as dt
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from torch import nn
+
+from .budget import cost_table
+from .config import ConvertConfig, to_dict
+from .decompose import METHODS
+from .errors import UsageError
+from .loading import TASKS, load_source, save_model
+from .project import (MODEL_DIR, ensure_empty_target, folder_records, staging_dir,
+                      write_manifest)
+from .surgery import ModuleSpec, nest_model, plan
+
+
+@dataclass
+class ConvertResult:
+    specs: list[ModuleSpec]
+    summary: dict
+    out_dir: Path | None  # None for a dry run
+
+
+def validate(cfg: ConvertConfig) -> None:
+    """Everything checkable before loading a model, so bad flags fail in milliseconds."""
+    if cfg.task is not None and cfg.task not in TASKS:
+        raise UsageError(f"--task must be one of {', '.join(TASKS)}, got {cfg.task!r}")
+    if cfg.svd not in METHODS:
+        raise UsageError(f"--svd must be one of {', '.join(METHODS)}, got {cfg.svd!r}")
+    if cfg.max_rank is not None and cfg.max_rank < 1:
+        raise UsageError(f"--max-rank must be at least 1, got {cfg.max_rank}")
+    if cfg.max_rank_fraction is not None and not 0 < cfg.max_rank_fraction <= 1:
+        raise UsageError(f"--max-rank-fraction must be in (0, 1], got {cfg.max_rank_fraction}")
+    if cfg.num_labels is not None and cfg.num_labels < 2:
+        raise UsageError(f"--num-labels must be at least 2, got {cfg.num_labels}")
+    if not cfg.dry_run:
+        ensure_empty_target(Path(cfg.out_dir), cfg.force)
+
+
+def convert_model(model: nn.Module, targets: str = "all", max_rank: int | None = None,
+                  max_rank_fraction: float | None = None, svd: str = "auto",
+                  factor_fn=None, on_layer: Callable | None = None) -> list[ModuleSpec]:
+    """Nest `model`'s target layers in place (the library entry point); returns the specs."""
+    specs = plan(model, targets, max_rank, max_rank_fraction)
+    nest_model(model, specs, svd, factor_fn=factor_fn, on_layer=on_layer)
+    cost_table(model, refresh=True)
+    return specs
+
+
+def convert(cfg: ConvertConfig, on_start: Callable[[int], None] | None = None,
+            on_layer: Callable | None = None) -> ConvertResult:
+    """Run the stage: load, plan, decompose layer by layer, write DIR atomically."""
+    validate(cfg)
+    model, tokenizer, task, source = load_source(cfg.model, cfg.task, cfg.revision,
+                                                 cfg.trust_remote_code, cfg.num_labels)
+    specs = plan(model, cfg.targets, cfg.max_rank, cfg.max_rank_fraction)
+    before = model_stats(model)
+    if cfg.dry_run:
+        return ConvertResult(specs, {"layers": len(specs), **before}, None)
+    if on_start is not None:
+        on_start(len(specs))
+    convert_model(model, cfg.targets, cfg.max_rank, cfg.max_rank_fraction, cfg.svd,
+                  on_layer=on_layer)
+    summary = {"layers": len(specs), **before, **nested_stats(model)}
+    out = Path(cfg.out_dir)
+    with staging_dir(out) as tmp:
+        save_model(model, tokenizer, tmp / MODEL_DIR)
+        manifest = {
+            "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+            "source": source, "task": task,
+            "decomposition": {"method": "svd", "svd": cfg.svd, "split": "balanced"},
+            "modules": [s.to_json() for s in specs],
+            "stages": {"convert": {"config": to_dict(cfg),
+                                   "outputs": folder_records(tmp / MODEL_DIR, tmp),
+                                   "summary": summary}},
+        }
+        write_manifest(tmp, manifest)
+    return ConvertResult(specs, summary, out)
+
+
+def model_stats(model: nn.Module) -> dict:
+    table = cost_table(model, refresh=True)
+    params = sum(p.numel() for p in model.parameters())
+    return {"params_before": params, "flops_per_token_dense": table.dense_flops()}
+
+
+def nested_stats(model: nn.Module) -> dict:
+    """Parameters after surgery and FLOPs/token at full rank and at the break-even ranks."""
+    table = cost_table(model)
+    break_even = {n: max(1, int(m.break_even)) for n, m in table.layers.items()}
+    return {"params_after": sum(p.numel() for p in model.parameters()),
+            "flops_per_token_full_rank": table.flops(),
+            "flops_per_token_break_even": table.flops(break_even)}
