@@ -27,6 +27,13 @@ class ConvertConfig:
     max_rank: int | None = opt(None, "Cap on R, the largest rank kept per layer.")
     max_rank_fraction: float | None = opt(None, "Cap on R as a fraction of min(d_in, d_out).")
     svd: str = opt("auto", "SVD method: auto, exact or randomized.")
+    calib: str | None = opt(None, "Calibration data (anything --data takes): factor each layer "
+                                  "by activation-aware SVD on its real inputs.")
+    calib_samples: int = opt(128, "Rows (or LM blocks) of the calibration data to use.")
+    calib_seq_len: int = opt(128, "Tokens per calibration row or LM block.")
+    allocation: str = opt("uniform", "Rank allocation across layers: uniform (the same fraction "
+                                     "of R everywhere) or global (one nested ordering of all "
+                                     "components by output energy per FLOP).")
     num_labels: int | None = opt(None, "Classes of a new classification head (seq-cls).")
     revision: str | None = opt(None, "Hub revision (branch, tag or commit) to load.")
     trust_remote_code: bool = opt(False, "Allow the model repository to run its own code.")

@@ -38,3 +38,85 @@ def use_randomized(method: str, max_rank: int, full: int) -> bool:
     if method == "auto":
         return full >= 256 and max_rank <= RANDOMIZED_BELOW * full
     return method == "randomized"
+
+
+# ---------------------------------------------------------------- activation-aware SVD
+#
+# Plain SVD keeps the directions of largest weight energy, whatever the inputs. What a
+# layer should keep are the directions of largest *output* energy on real inputs:
+# minimise ‖(W − W_r) Xᵀ‖ rather than ‖W − W_r‖. With the input second moment
+# C = XᵀX / n = L Lᵀ (Cholesky), ‖(W − W_r) Xᵀ‖² = n·‖(W − W_r) L‖², so the best W_r is the
+# truncated SVD of the whitened weight W L = U S Vᵀ, mapped back: W_r = U_r S_r V_rᵀ L⁻¹.
+# Full rank gives U S Vᵀ L⁻¹ = W L L⁻¹ = W, exactly.
+
+# A small ridge, relative to the mean input energy, keeps L⁻¹ tame in directions the
+# calibration data barely excites (inputs seen later may excite them); it is a tiny
+# pull toward plain SVD, never enough to change what the data clearly asks for.
+DAMPING = 1e-2
+JITTER_TRIES = 8
+
+
+def whitened_svd_factors(weight: torch.Tensor, xtx: torch.Tensor, max_rank: int,
+                         damping: float = DAMPING) -> tuple[torch.Tensor, torch.Tensor]:
+    """(A, B) in float32 such that every prefix r minimises the output error on the inputs
+    whose second moment is `xtx` (d_in × d_in, any positive scale)."""
+    A, B, _ = whitened_svd(weight, xtx, max_rank, damping)
+    return A, B
+
+
+def whitened_svd(weight: torch.Tensor, xtx: torch.Tensor, max_rank: int,
+                 damping: float = DAMPING) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(A, B, S): the factors and the whitened singular values (component output energy is S²)."""
+    W = weight.detach().to(torch.float64)
+    full = min(W.shape)
+    if not 1 <= max_rank <= full:
+        raise ValueError(f"max_rank must be in 1..{full}, got {max_rank}")
+    if xtx.shape != (W.shape[1], W.shape[1]):
+        raise ValueError(f"input moment is {tuple(xtx.shape)}, expected {W.shape[1]}×{W.shape[1]}")
+    L = input_cholesky(xtx, damping)
+    U, S, Vh = torch.linalg.svd(W @ L, full_matrices=False)
+    U, S, Vh = U[:, :max_rank], S[:max_rank], Vh[:max_rank]
+    root = S.sqrt()
+    # A = √S Vᵀ L⁻¹: solve A L = √S Vᵀ instead of forming the inverse.
+    A = torch.linalg.solve_triangular(L, root[:, None] * Vh, upper=False, left=False)
+    B = U * root
+    A, B = rebalance(A, B)
+    return A.to(torch.float32).contiguous(), B.to(torch.float32).contiguous(), S.to(torch.float32)
+
+
+def input_cholesky(xtx: torch.Tensor, damping: float = DAMPING) -> torch.Tensor:
+    """Lower-triangular L with L Lᵀ = C + ridge, C the normalised second moment.
+
+    C is scaled to unit mean diagonal first, so the factors do not depend on how many
+    rows were summed. If C is not positive definite (dead inputs, too few samples,
+    rounding) the ridge grows tenfold until Cholesky succeeds; a moment with no usable
+    energy (all zero, NaN or inf) falls back to the identity, i.e. plain SVD.
+    """
+    d = xtx.shape[0]
+    eye = torch.eye(d, dtype=torch.float64)
+    C = xtx.detach().to(torch.float64)
+    C = (C + C.T) / 2
+    scale = C.diagonal().mean()
+    if not torch.isfinite(C).all() or not scale > 0:
+        return eye
+    C = C / scale
+    ridge = damping
+    for _ in range(JITTER_TRIES):
+        L, info = torch.linalg.cholesky_ex(C + ridge * eye)
+        if info == 0 and torch.isfinite(L).all():
+            return L
+        ridge = max(ridge * 10, 1e-6)
+    return eye
+
+
+def rebalance(A: torch.Tensor, B: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scale each component so its row of A and column of B have equal norm.
+
+    B_i A_i (and so every prefix) is unchanged; both factors keep comparable scales,
+    as in the plain split B = U√S, A = √S Vᵀ, so they train at the same pace.
+    """
+    a = A.norm(dim=1)
+    b = B.norm(dim=0)
+    ok = (a > 0) & (b > 0)
+    c = torch.where(ok, (b / torch.where(ok, a, 1)).sqrt(), torch.ones_like(a))
+    return A * c[:, None], B / c
