@@ -14,11 +14,37 @@ from pathlib import Path
 from typing import Optional
 
 import typer
+from typer.core import TyperGroup
+from typer.exceptions import Abort, TyperException
 
 from .config import ConvertConfig, help_for
 
-app = typer.Typer(name="nsn", no_args_is_help=True, add_completion=False,
-                  pretty_exceptions_enable=False,
+
+class OneLineUsageErrors(TyperGroup):
+    """A bad flag or value prints one line, like every other nsn error (not click's
+    usage block), and exits 2."""
+
+    def main(self, *args, standalone_mode: bool = True, **kwargs):
+        if not standalone_mode:
+            return super().main(*args, standalone_mode=False, **kwargs)
+        try:
+            code = super().main(*args, standalone_mode=False, **kwargs)
+        except TyperException as exc:  # click's errors (typer vendors click)
+            if type(exc).__name__ == "NoArgsIsHelpError":
+                exc.show()  # bare `nsn`: the help is the answer
+                sys.exit(exc.exit_code)
+            ctx = getattr(exc, "ctx", None)
+            hint = f" (see `{ctx.command_path} --help`)" if ctx is not None else ""
+            typer.echo(f"nsn: error: {' '.join(exc.format_message().split())}{hint}", err=True)
+            sys.exit(exc.exit_code)
+        except Abort:
+            typer.echo("nsn: aborted", err=True)
+            sys.exit(1)
+        sys.exit(code if isinstance(code, int) else 0)
+
+
+app = typer.Typer(name="nsn", cls=OneLineUsageErrors, no_args_is_help=True,
+                  add_completion=False, pretty_exceptions_enable=False,
                   help="Nested Subspace Networks: one model, compute dialled at inference time.")
 
 
@@ -96,9 +122,30 @@ def convert(
 def info(project: Path = typer.Argument(..., help="Project directory.")):
     """What a project holds: model, task, nested layers, ranks, stages done."""
     from . import report
-    from .project import read_manifest
+    from .integrity import fast_check
+    from .project import MODEL_DIR, read_manifest
 
-    report.project_info(console(), project, read_manifest(project))
+    manifest = read_manifest(project)
+    fast_check(project, manifest, under=f"{MODEL_DIR}/")
+    report.project_info(console(), project, manifest)
+
+
+@app.command()
+@friendly_errors
+def verify(project: Path = typer.Argument(..., help="Project directory.")):
+    """Hash every recorded file against nsn.json and scan the weights for NaN/inf."""
+    from rich.table import Table
+
+    from .integrity import raise_on_problems, verify_project
+
+    result = verify_project(project)
+    table = Table(title=f"nsn verify {project}")
+    for column in ("file", "bytes", "status"):
+        table.add_column(column, justify="right" if column == "bytes" else "left")
+    for check in result.files:
+        table.add_row(check.path, str(check.size), check.status)
+    console().print(table)
+    raise_on_problems(result)
 
 
 def main() -> None:

@@ -75,8 +75,9 @@ def load_source(model_id: str, task: str | None = None, revision: str | None = N
             raise UsageError("--num-labels only applies to --task seq-cls")
         config.num_labels = num_labels
     torch.manual_seed(0)  # a fresh classification head is initialised reproducibly
+    # use_safetensors: a pickled .bin checkpoint is never unpickled (unpickling runs code).
     model = _hf_call(model_id, model_class(task).from_pretrained, model_id, config=config,
-                     dtype=torch.float32, **kw)
+                     dtype=torch.float32, use_safetensors=True, **kw)
     tokenizer = _hf_call(model_id, AutoTokenizer.from_pretrained, model_id, **kw)
     source = {"id": hub_id, "revision": getattr(config, "_commit_hash", None) or revision,
               "local": Path(model_id).is_dir()}

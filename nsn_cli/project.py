@@ -11,6 +11,7 @@ import contextlib
 import hashlib
 import json
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -18,6 +19,7 @@ from typing import Any, Iterator
 
 from . import __version__
 from .errors import ProjectError
+from .safety import path_problem
 
 SCHEMA_VERSION = 1
 MANIFEST = "nsn.json"
@@ -26,6 +28,14 @@ WEIGHTS = "model.safetensors"
 STAGE_DIRS = ("finetune", "profile", "frontier")
 REQUIRED_KEYS = {"schema_version": int, "nsn_version": str, "source": dict, "task": str,
                  "modules": list, "stages": dict}
+OPTIONAL_KEYS = {"decomposition": dict, "created": str}
+MODULE_KEYS = {"name": str, "kind": str, "d_in": int, "d_out": int, "max_rank": int,
+               "bias": bool}
+MODULE_KINDS = ("linear", "conv1d")
+MODULE_NAME = re.compile(r"[A-Za-z0-9_]+(\.[A-Za-z0-9_]+)*")
+STAGE_KEYS = {"config": dict, "outputs": list, "summary": dict}
+RECORD_KEYS = {"path": str, "sha256": str, "size": int}
+SHA256 = re.compile(r"[0-9a-f]{64}")
 
 
 # ---------------------------------------------------------------- atomic writes
@@ -94,10 +104,12 @@ def sha256_file(path: Path) -> str:
 
 
 def file_record(path: Path, root: Path) -> dict:
-    """sha256, size and path (relative to the project) of one artifact."""
+    """sha256, size, mtime and path (relative to the project) of one artifact."""
     path = Path(path)
+    stat = path.stat()
+    # mtime_ns lets `load` skip hashing a file nobody has touched (see integrity.py).
     return {"path": path.relative_to(root).as_posix(), "sha256": sha256_file(path),
-            "size": path.stat().st_size}
+            "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
 
 
 def folder_records(folder: Path, root: Path) -> list[dict]:
@@ -132,12 +144,55 @@ def validate_manifest(manifest: dict, path: Path) -> dict:
     if isinstance(version, int) and version > SCHEMA_VERSION:
         raise ProjectError(f"{path} has schema_version {version}, newer than this nsn "
                            f"({__version__}, schema {SCHEMA_VERSION}); upgrade nsn")
-    for key, kind in REQUIRED_KEYS.items():
-        if key not in manifest:
-            raise ProjectError(f"{path} is corrupt: missing key {key!r}")
-        if not isinstance(manifest[key], kind) or isinstance(manifest[key], bool):
-            raise ProjectError(f"{path} is corrupt: {key!r} should be {kind.__name__}")
+    check_fields(manifest, REQUIRED_KEYS, "", path)
+    check_fields(manifest, OPTIONAL_KEYS, "", path, required=False)
+    for i, module in enumerate(manifest["modules"]):
+        validate_module(module, f"modules[{i}]", path)
+    for name, stage in manifest["stages"].items():
+        check_fields(stage, STAGE_KEYS, f"stages.{name}", path)
+        for i, record in enumerate(stage["outputs"]):
+            validate_record(record, f"stages.{name}.outputs[{i}]", path)
     return manifest
+
+
+def check_fields(entry, keys: dict, where: str, path: Path, required: bool = True) -> None:
+    """Each key present (if required) with the right JSON type; bool is not an int here."""
+    at = f" in {where}" if where else ""
+    if not isinstance(entry, dict):
+        raise ProjectError(f"{path} is corrupt: {where or 'the manifest'} should be an object")
+    for key, kind in keys.items():
+        if key not in entry:
+            if required:
+                raise ProjectError(f"{path} is corrupt: missing key {key!r}{at}")
+            continue
+        value = entry[key]
+        if not isinstance(value, kind) or (kind is not bool and isinstance(value, bool)):
+            raise ProjectError(f"{path} is corrupt: {key!r}{at} should be {kind.__name__}")
+
+
+def validate_module(module, where: str, path: Path) -> None:
+    check_fields(module, MODULE_KEYS, where, path)
+    problem = None
+    if module["kind"] not in MODULE_KINDS:
+        problem = f"kind must be one of {', '.join(MODULE_KINDS)}"
+    elif not MODULE_NAME.fullmatch(module["name"]):
+        problem = f"name {module['name']!r} is not a module path"
+    elif min(module["d_in"], module["d_out"], module["max_rank"]) < 1:
+        problem = "d_in, d_out and max_rank must be positive"
+    elif module["max_rank"] > min(module["d_in"], module["d_out"]):
+        problem = "max_rank exceeds min(d_in, d_out)"
+    if problem:
+        raise ProjectError(f"{path} is corrupt: {where}: {problem}")
+
+
+def validate_record(record, where: str, path: Path) -> None:
+    check_fields(record, RECORD_KEYS, where, path)
+    check_fields(record, {"mtime_ns": int}, where, path, required=False)
+    problem = path_problem(record["path"])
+    if problem:
+        raise ProjectError(f"{path}: path {record['path']!r} in {where} {problem}")
+    if not SHA256.fullmatch(record["sha256"]) or record["size"] < 0:
+        raise ProjectError(f"{path} is corrupt: {where} has a bad sha256 or size")
 
 
 def upgrade_manifest(manifest: dict) -> dict:
@@ -154,6 +209,9 @@ def record_stage(project: Path, stage: str, config: dict, outputs: list[dict],
                  summary: dict) -> dict:
     """Record a finished stage (its resolved config, outputs with checksums, summary)."""
     manifest = read_manifest(project)
+    # Re-insert at the end: `stages` stays in completion order, so the newest record of
+    # a file rewritten by a later stage wins (integrity.current_records).
+    manifest["stages"].pop(stage, None)
     manifest["stages"][stage] = {"config": config, "outputs": outputs, "summary": summary}
     write_manifest(project, manifest)
     return manifest
