@@ -108,9 +108,17 @@ def split_train_eval(raw, spec: DataSpec):
     else:
         held_out = raw[eval_name]
     if spec.max_samples:
-        train = train.select(range(min(spec.max_samples, len(train))))
-        held_out = held_out.select(range(min(spec.max_samples, len(held_out))))
+        train = sample_rows(train, spec.max_samples, spec.seed)
+        held_out = sample_rows(held_out, spec.max_samples, spec.seed)
     return datasets.DatasetDict(train=train, eval=held_out)
+
+
+def sample_rows(split, count: int, seed: int):
+    """`count` rows drawn with a fixed seed: hub splits are often sorted by label, so the
+    first rows alone could hold a single class."""
+    if count >= len(split):
+        return split
+    return split.shuffle(seed=seed).select(range(count))
 
 
 def require_column(split, column: str, what: str, spec: DataSpec) -> None:
