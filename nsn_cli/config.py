@@ -41,7 +41,62 @@ class ConvertConfig:
     dry_run: bool = opt(False, "List the layers that would be nested; write nothing.")
 
 
+@dataclass
+class ProfileConfig:
+    project: str = opt(None, "Project directory.")
+    data: str | None = opt(None, "Evaluation data (anything finetune's --data takes); default: "
+                                 "the data the project was finetuned on.")
+    text_column: str | None = opt(None, "Text column (default: finetune's, else 'text').")
+    label_column: str | None = opt(None, "Label column for seq-cls (default: finetune's, "
+                                         "else 'label').")
+    split: str | None = opt(None, "Split the held-out part is carved from when the data has "
+                                  "no evaluation split (default: finetune's, else 'train').")
+    eval_split: str | None = opt(None, "Held-out split to measure on (default: finetune's, "
+                                       "else validation/valid/test if present).")
+    eval_fraction: float | None = opt(None, "Fraction held out when there is no evaluation "
+                                            "split (default: finetune's, else 0.1).")
+    max_samples: int | None = opt(None, "Use at most this many held-out rows (LM: blocks).")
+    seq_len: int | None = opt(None, "Tokens per LM block / max tokens per row; FLOPs are per "
+                                    "token at this length (default: finetune's, else 128).")
+    batch_size: int = opt(8, "Rows (LM: blocks) per batch, for the metric and the latency.")
+    budgets: list[float] | None = opt(None, "FLOPs budgets to measure, as fractions of the "
+                                            "dense model (default: 12 points from 0.05 to 1).")
+    rank_fractions: list[float] | None = opt(None, "Measure these fractions of R in every "
+                                                   "layer instead of --budgets.")
+    baseline: bool = opt(False, "Also measure untrained truncated SVD at the same settings "
+                                "(re-converts the source model, which must be reachable).")
+    repeats: int = opt(5, "Timed forward passes per point (the median is reported).")
+    warmup: int = opt(2, "Untimed forward passes before timing each point.")
+    device: str = opt("auto", "cpu, cuda, cuda:N or auto (cuda when available).")
+    dtype: str = opt("float32", "float32, bfloat16 or float16.")
+
+
+@dataclass
+class FrontierConfig:
+    project: str = opt(None, "Project directory (profiled with nsn profile).")
+    budget: float | None = opt(None, "Print the best measured setting whose FLOPs fraction is "
+                                     "at most this.")
+    plot: bool = opt(False, "Write frontier/frontier.png and .svg.")
+    metric: str | None = opt(None, "Metric to optimise: perplexity or nll (causal-lm), accuracy "
+                                   "or macro_f1 (seq-cls); default: perplexity / accuracy.")
+
+
+@dataclass
+class ExportConfig:
+    project: str = opt(None, "Project directory.")
+    dest: str = opt(None, "Directory to write the exported model to.")
+    budget: float | None = opt(None, "FLOPs budget as a fraction of the dense model.")
+    rank_fraction: float | None = opt(None, "Fraction of R in every layer (instead of --budget).")
+    format: str = opt("factored", "factored (nsn project holding only the first r components; "
+                                  "load with nsn_cli.load) or merged (plain HF model, dense "
+                                  "B_r A_r; loads with from_pretrained).")
+    seq_len: int | None = opt(None, "Sequence length the budget's FLOPs are counted at "
+                                    "(default: the profile's, else 128).")
+    force: bool = opt(False, "Replace DEST if it exists and is not empty.")
+
+
 STAGE_CONFIGS = {"convert": ConvertConfig}
+STAGE_CONFIGS.update(profile=ProfileConfig, frontier=FrontierConfig, export=ExportConfig)
 
 
 def help_for(config_cls, name: str) -> str:
