@@ -112,6 +112,9 @@ def _hf_call(model_id: str, fn, *args, **kwargs):
     try:
         return fn(*args, **kwargs)
     except (OSError, ValueError, KeyError, EnvironmentError) as exc:
+        if "trust_remote_code" in str(exc):
+            raise ModelError(f"model {model_id!r} needs its own Python code to load; nsn runs it "
+                             "only with --trust-remote-code (read that code first)") from None
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ModelError(f"cannot load model {model_id!r}: {first}") from None
 

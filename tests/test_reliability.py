@@ -1,0 +1,297 @@
+"""Integrity of project artifacts (fast check on load, full check in `nsn verify`) and the
+one-writer lock."""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from typer.testing import CliRunner
+
+from nsn_cli import load
+from nsn_cli.cli import app
+from nsn_cli.errors import ProjectError
+from nsn_cli.integrity import current_records, verify_project
+from nsn_cli.lock import LOCK_NAME, holder_of, project_lock
+from nsn_cli.project import file_record, read_manifest, record_stage, write_manifest
+
+runner = CliRunner()
+WEIGHTS = "model/model.safetensors"
+
+
+@pytest.fixture
+def project(converted, tmp_path):
+    """A private copy of the converted tiny GPT-2 project (copy2 keeps mtimes)."""
+    dest = tmp_path / "p"
+    shutil.copytree(converted["gpt2"], dest)
+    return dest
+
+
+def snapshot(path):
+    return {p.relative_to(path).as_posix(): p.read_bytes() for p in sorted(path.rglob("*"))
+            if p.is_file()}
+
+
+def one_error_line(result, *needles):
+    assert result.exit_code != 0, result.output
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert "Traceback" not in result.output
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+    return lines[0]
+
+
+def all_entry_points_refuse(project, *needles):
+    """nsn info, nsn verify and nsn_cli.load all give one error naming the problem."""
+    before = snapshot(project)
+    for command in ("info", "verify"):
+        one_error_line(runner.invoke(app, [command, str(project)]), *needles)
+    with pytest.raises(ProjectError) as err:
+        load(project)
+    for needle in needles:
+        assert needle in str(err.value)
+    assert snapshot(project) == before  # checking never writes
+
+
+# ---------------------------------------------------------------- integrity
+
+def test_verify_passes_on_a_good_project(project):
+    result = runner.invoke(app, ["verify", str(project)])
+    assert result.exit_code == 0, result.output
+    assert WEIGHTS in result.output and "ok" in result.output
+    recorded = {c.path for c in verify_project(project).files}
+    assert recorded == {"model/config.json", "model/generation_config.json", WEIGHTS,
+                        "model/tokenizer.json", "model/tokenizer_config.json"}
+
+
+def test_records_carry_size_and_mtime(project):
+    record = current_records(read_manifest(project))[WEIGHTS]
+    stat = (project / WEIGHTS).stat()
+    assert record["size"] == stat.st_size and record["mtime_ns"] == stat.st_mtime_ns
+
+
+def test_truncated_weights_are_refused_everywhere(project):
+    weights = project / WEIGHTS
+    weights.write_bytes(weights.read_bytes()[:-100])
+    all_entry_points_refuse(project, str(weights), "truncated")
+
+
+def test_same_size_alteration_is_refused_everywhere(project):
+    weights = project / WEIGHTS
+    data = bytearray(weights.read_bytes())
+    data[-5] ^= 0xFF  # inside the tensor data: safetensors alone would load it happily
+    weights.write_bytes(bytes(data))
+    all_entry_points_refuse(project, str(weights), "altered")
+
+
+def test_verify_catches_alteration_even_with_the_mtime_put_back(project):
+    """The fast path trusts an unchanged (size, mtime); `nsn verify` hashes regardless."""
+    weights = project / WEIGHTS
+    stat = weights.stat()
+    data = bytearray(weights.read_bytes())
+    data[-5] ^= 0xFF
+    weights.write_bytes(bytes(data))
+    os.utime(weights, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    load(project)  # the documented limit of the fast path
+    one_error_line(runner.invoke(app, ["verify", str(project)]), str(weights), "altered")
+
+
+def test_a_copied_project_with_new_mtimes_still_loads(project, tmp_path):
+    copy = tmp_path / "copy"
+    shutil.copytree(project, copy, copy_function=shutil.copyfile)  # fresh mtimes
+    assert (copy / WEIGHTS).stat().st_mtime_ns != (project / WEIGHTS).stat().st_mtime_ns
+    model, _ = load(copy)  # mtimes differ, so every file is hashed, and the hashes match
+    assert runner.invoke(app, ["verify", str(copy)]).exit_code == 0
+
+
+def test_missing_recorded_file_is_refused(project):
+    (project / "model" / "tokenizer.json").unlink()
+    all_entry_points_refuse(project, "tokenizer.json", "missing")
+
+
+def test_unreadable_config_is_one_error(project):
+    config = project / "model" / "config.json"
+    stat = config.stat()
+    config.write_text("{" + " " * (stat.st_size - 1))  # same size, mtime put back
+    os.utime(config, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    with pytest.raises(ProjectError, match="config.json"):
+        load(project)
+
+
+def corrupt(manifest, path, value):
+    """Set (or delete, for value is DELETE) the entry at `path` in a nested manifest."""
+    node = manifest
+    for key in path[:-1]:
+        node = node[key]
+    if value is DELETE:
+        del node[path[-1]]
+    else:
+        node[path[-1]] = value
+
+
+DELETE = object()
+MANIFEST_DAMAGE = [
+    (("task",), DELETE, "missing key 'task'"),
+    (("modules",), {"a": 1}, "'modules' should be list"),
+    (("schema_version",), True, "'schema_version' should be int"),
+    (("stages",), [], "'stages' should be dict"),
+    (("decomposition",), "svd", "'decomposition' should be dict"),
+    (("modules", 0, "d_in"), "32", "'d_in' in modules[0] should be int"),
+    (("modules", 0, "max_rank"), 10_000, "max_rank exceeds"),
+    (("modules", 0, "kind"), "conv2d", "kind must be one of"),
+    (("modules", 0, "name"), "h..0", "not a module path"),
+    (("modules", 1), "transformer.h.0", "modules[1] should be an object"),
+    (("modules", 2, "bias"), 1, "'bias' in modules[2] should be bool"),
+    (("stages", "convert", "outputs"), {}, "'outputs' in stages.convert should be list"),
+    (("stages", "convert", "summary"), DELETE, "missing key 'summary' in stages.convert"),
+    (("stages", "convert", "outputs", 0, "size"), -1, "bad sha256 or size"),
+    (("stages", "convert", "outputs", 0, "sha256"), "abc", "bad sha256 or size"),
+    (("stages", "convert", "outputs", 0, "mtime_ns"), 1.5, "'mtime_ns'"),
+    (("stages", "convert", "outputs", 0, "path"), "../../etc/passwd", "climbs out"),
+]
+
+
+@pytest.mark.parametrize("path,value,needle", MANIFEST_DAMAGE,
+                         ids=[".".join(map(str, p)) for p, _, _ in MANIFEST_DAMAGE])
+def test_damaged_manifest_is_one_error_naming_the_file(project, path, value, needle):
+    manifest = json.loads((project / "nsn.json").read_text())
+    corrupt(manifest, path, value)
+    (project / "nsn.json").write_text(json.dumps(manifest))
+    all_entry_points_refuse(project, str(project / "nsn.json"), needle)
+
+
+def test_newer_schema_is_refused_by_name(project):
+    manifest = json.loads((project / "nsn.json").read_text())
+    manifest["schema_version"] = 99
+    (project / "nsn.json").write_text(json.dumps(manifest))
+    all_entry_points_refuse(project, str(project / "nsn.json"), "newer than this nsn")
+
+
+def test_non_finite_weights_are_reported_by_verify(project):
+    weights = project / WEIGHTS
+    tensors = load_file(str(weights))
+    name = "transformer.h.1.mlp.c_proj.A"
+    tensors[name][0, 0] = float("nan")
+    tensors[name][1, 1] = float("inf")
+    save_file(tensors, str(weights), metadata={"format": "pt"})
+    # Record the new file, as a careless trainer would have: the hash now matches.
+    manifest = read_manifest(project)
+    manifest["stages"]["convert"]["outputs"] = [
+        file_record(weights, project) if o["path"] == WEIGHTS else o
+        for o in manifest["stages"]["convert"]["outputs"]]
+    write_manifest(project, manifest)
+    line = one_error_line(runner.invoke(app, ["verify", str(project)]), "NaN/inf")
+    assert f"{name} (2)" in line and str(weights) in line
+
+
+def test_newest_stage_record_wins(project):
+    """A later stage that rewrites a file records it; the convert record is then stale."""
+    config = project / "model" / "config.json"
+    config.write_text(config.read_text().replace('"n_layer": 2', '"n_layer": 2 '))
+    record_stage(project, "later", {}, [file_record(config, project)], {})
+    record_stage(project, "convert", **{k: v for k, v in read_manifest(project)["stages"]
+                                        ["convert"].items()})  # re-run: moves to the end
+    assert list(read_manifest(project)["stages"]) == ["later", "convert"]
+    assert runner.invoke(app, ["verify", str(project)]).exit_code != 0  # convert's is stale now
+
+
+# ---------------------------------------------------------------- one writer
+
+HOLDER = textwrap.dedent("""
+    import sys, time
+    from nsn_cli.lock import project_lock
+    with project_lock(sys.argv[1], "finetune"):
+        print("locked", flush=True)
+        time.sleep(60)
+""")
+
+
+def start_holder(project):
+    proc = subprocess.Popen([sys.executable, "-c", HOLDER, str(project)], stdout=subprocess.PIPE,
+                            text=True)
+    assert proc.stdout.readline().strip() == "locked"
+    return proc
+
+
+def test_second_writer_fails_at_once_naming_the_holder(project):
+    holder = start_holder(project)
+    try:
+        start = time.perf_counter()
+        with pytest.raises(ProjectError) as err:
+            with project_lock(project, "finetune"):
+                pass
+        assert time.perf_counter() - start < 2.0
+        assert f"pid {holder.pid}" in str(err.value) and "finetune" in str(err.value)
+        assert holder_of(project)["pid"] == holder.pid
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+def test_lock_of_a_killed_holder_is_taken_over(project):
+    holder = start_holder(project)
+    holder.send_signal(signal.SIGKILL)
+    holder.wait()
+    lock_file = project / LOCK_NAME
+    assert json.loads(lock_file.read_text())["pid"] == holder.pid  # stale note left behind
+    assert holder_of(project) is None
+    with project_lock(project, "finetune"):
+        assert json.loads(lock_file.read_text())["pid"] == os.getpid()
+    assert not lock_file.exists()
+
+
+def test_stale_lock_file_from_a_dead_pid_is_taken_over(project):
+    (project / LOCK_NAME).write_text(json.dumps({"pid": 999_999_999, "host": "gone"}))
+    with project_lock(project, "run"):
+        assert holder_of(project)["pid"] == os.getpid()
+    assert not (project / LOCK_NAME).exists()
+
+
+def test_lock_is_reentrant_and_leaves_the_directory_as_found(project):
+    before = snapshot(project)
+    with project_lock(project, "run"):
+        with project_lock(project, "finetune"):
+            assert (project / LOCK_NAME).exists()
+        assert (project / LOCK_NAME).exists()  # the outer holder still has it
+    assert snapshot(project) == before
+
+
+def test_lock_needs_an_existing_project(tmp_path):
+    with pytest.raises(ProjectError, match="does not exist"):
+        with project_lock(tmp_path / "nope"):
+            pass
+    assert not (tmp_path / "nope").exists()
+
+
+RACER = textwrap.dedent("""
+    import os, sys, time
+    from nsn_cli.errors import ProjectError
+    from nsn_cli.lock import project_lock
+    while not os.path.exists(sys.argv[2]):
+        time.sleep(0.001)
+    try:
+        with project_lock(sys.argv[1], "race"):
+            time.sleep(1.0)
+            print("won")
+    except ProjectError:
+        print("lost")
+""")
+
+
+def test_racing_writers_exactly_one_wins(project, tmp_path):
+    go = tmp_path / "go"
+    racers = [subprocess.Popen([sys.executable, "-c", RACER, str(project), str(go)],
+                               stdout=subprocess.PIPE, text=True) for _ in range(4)]
+    time.sleep(1.5)  # let every racer import and wait at the line
+    go.touch()
+    outcomes = sorted(r.communicate(timeout=60)[0].strip() for r in racers)
+    assert outcomes == ["lost", "lost", "lost", "won"]
+    assert not (project / LOCK_NAME).exists()
