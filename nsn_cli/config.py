@@ -95,7 +95,54 @@ class ExportConfig:
     force: bool = opt(False, "Replace DEST if it exists and is not empty.")
 
 
-STAGE_CONFIGS = {"convert": ConvertConfig}
+@dataclass
+class FinetuneConfig:
+    project: str = opt(None, "Project directory (made by nsn convert).")
+    data: str = opt(None, "Training data: a hub dataset name (aliases: wikitext, sst2, imdb, "
+                          "ag_news, tinystories), a local .txt/.jsonl/.json/.csv/.parquet file, "
+                          "or a directory of such files.")
+    text_column: str = opt("text", "Column holding the text.")
+    label_column: str = opt("label", "Column holding the class (seq-cls); '' ignores a label "
+                                     "column in causal-LM data.")
+    split: str = opt("train", "Split to train on.")
+    eval_split: str | None = opt(None, "Held-out split (default: validation/valid/test if the "
+                                       "data has one, else --eval-fraction carved from --split).")
+    eval_fraction: float = opt(0.1, "Fraction held out (with --seed) when there is no "
+                                    "evaluation split.")
+    max_samples: int | None = opt(None, "Use at most this many rows of each split.")
+    seq_len: int | None = opt(None, "Tokens per LM block / max tokens per row (default: the "
+                                    "model's context, at most 256).")
+    steps: int = opt(200, "Optimizer steps.")
+    batch_size: int = opt(8, "Rows (LM: blocks) per micro-batch, over all processes together.")
+    grad_accum: int = opt(1, "Micro-batches per optimizer step.")
+    lr: float = opt(1e-4, "Peak learning rate of the model weights (AdamW).")
+    scale_lr: float = opt(0.02, "Learning rate of the per-rank log-variances s_k.")
+    warmup: float = opt(0.05, "Fraction of --steps with a linear learning-rate warmup (then "
+                              "cosine decay to a tenth).")
+    weight_decay: float = opt(0.01, "AdamW weight decay (matrices only).")
+    clip: float = opt(1.0, "Clip the gradient norm to this (0: no clipping).")
+    precision: str = opt("fp32", "fp32, or bf16 (autocast; weights stay fp32).")
+    seed: int = opt(0, "Seed of the data order, the rank draws, dropout and a new head.")
+    ladder: list[float] | str = opt([0.0625, 0.125, 0.25, 0.5, 1.0],
+                                    "Trainable rank fractions (comma-separated); the largest is "
+                                    "trained at every step.")
+    ranks_per_step: int = opt(2, "Ranks trained per step: the top one plus this minus one "
+                                 "drawn from the rest of the ladder.")
+    objective: str = opt("uncertainty", "uncertainty (learned weights exp(-s_k)) or uniform "
+                                        "(plain average over the ranks of a step).")
+    distill: bool = opt(False, "Lower ranks also match the top rank's output distribution "
+                               "(KL to its detached logits).")
+    eval_every: int = opt(50, "Evaluate on the held-out split every N steps (0: only before "
+                              "and after training).")
+    eval_samples: int = opt(256, "Held-out rows (LM: blocks) used by each evaluation.")
+    save_every: int = opt(100, "Checkpoint every N steps (and always at the end).")
+    keep_checkpoints: int = opt(2, "Checkpoints kept in DIR/finetune/checkpoints.")
+    resume: bool = opt(False, "Continue from the newest complete checkpoint (a fresh start when "
+                              "there is none); without it a new run replaces DIR/finetune/.")
+    device: str = opt("auto", "cpu, cuda, cuda:N or auto (cuda when available).")
+
+
+STAGE_CONFIGS = {"convert": ConvertConfig, "finetune": FinetuneConfig}
 STAGE_CONFIGS.update(profile=ProfileConfig, frontier=FrontierConfig, export=ExportConfig)
 
 
