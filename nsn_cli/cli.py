@@ -98,6 +98,10 @@ def convert(
     max_rank: Optional[int] = typer.Option(None, help=_h(ConvertConfig, "max_rank")),
     max_rank_fraction: Optional[float] = typer.Option(None, help=_h(ConvertConfig, "max_rank_fraction")),
     svd: str = typer.Option("auto", help=_h(ConvertConfig, "svd")),
+    calib: Optional[str] = typer.Option(None, help=_h(ConvertConfig, "calib")),
+    calib_samples: int = typer.Option(128, help=_h(ConvertConfig, "calib_samples")),
+    calib_seq_len: int = typer.Option(128, help=_h(ConvertConfig, "calib_seq_len")),
+    allocation: str = typer.Option("uniform", help=_h(ConvertConfig, "allocation")),
     num_labels: Optional[int] = typer.Option(None, help=_h(ConvertConfig, "num_labels")),
     revision: Optional[str] = typer.Option(None, help=_h(ConvertConfig, "revision")),
     trust_remote_code: bool = typer.Option(False, help=_h(ConvertConfig, "trust_remote_code")),
@@ -110,6 +114,8 @@ def convert(
 
     cfg = ConvertConfig(model=model, out_dir=str(out_dir), task=task, targets=targets,
                         max_rank=max_rank, max_rank_fraction=max_rank_fraction, svd=svd,
+                        calib=calib, calib_samples=calib_samples, calib_seq_len=calib_seq_len,
+                        allocation=allocation,
                         num_labels=num_labels, revision=revision,
                         trust_remote_code=trust_remote_code, force=force, dry_run=dry_run)
     with report.layer_progress("Decomposing") as (on_start, on_layer):

@@ -9,13 +9,15 @@ from typing import Callable
 
 from torch import nn
 
+from .allocation import (ALLOCATION_FILE, ALLOCATIONS, CRITERION, attach_global,
+                         global_order, write_allocation)
 from .budget import cost_table
 from .config import ConvertConfig, to_dict
 from .decompose import METHODS
 from .errors import UsageError
 from .loading import TASKS, load_source, save_model
-from .project import (MODEL_DIR, ensure_empty_target, folder_records, staging_dir,
-                      write_manifest)
+from .project import (MODEL_DIR, ensure_empty_target, file_record, folder_records,
+                      staging_dir, write_manifest)
 from .surgery import ModuleSpec, nest_model, plan
 
 
@@ -36,6 +38,11 @@ def validate(cfg: ConvertConfig) -> None:
         raise UsageError(f"--max-rank must be at least 1, got {cfg.max_rank}")
     if cfg.max_rank_fraction is not None and not 0 < cfg.max_rank_fraction <= 1:
         raise UsageError(f"--max-rank-fraction must be in (0, 1], got {cfg.max_rank_fraction}")
+    if cfg.allocation not in ALLOCATIONS:
+        raise UsageError(f"--allocation must be one of {', '.join(ALLOCATIONS)}, "
+                         f"got {cfg.allocation!r}")
+    if cfg.calib_samples < 1 or cfg.calib_seq_len < 1:
+        raise UsageError("--calib-samples and --calib-seq-len must be at least 1")
     if cfg.num_labels is not None and cfg.num_labels < 2:
         raise UsageError(f"--num-labels must be at least 2, got {cfg.num_labels}")
     if not cfg.dry_run:
@@ -44,11 +51,26 @@ def validate(cfg: ConvertConfig) -> None:
 
 def convert_model(model: nn.Module, targets: str = "all", max_rank: int | None = None,
                   max_rank_fraction: float | None = None, svd: str = "auto",
-                  factor_fn=None, on_layer: Callable | None = None) -> list[ModuleSpec]:
-    """Nest `model`'s target layers in place (the library entry point); returns the specs."""
+                  factor_fn=None, on_layer: Callable | None = None,
+                  calib_batches: list[dict] | None = None,
+                  allocation: str = "uniform") -> list[ModuleSpec]:
+    """Nest `model`'s target layers in place (the library entry point); returns the specs.
+
+    With `calib_batches` (dicts of input_ids / attention_mask) layers are factored by
+    activation-aware SVD; `allocation="global"` attaches a nested global ordering that
+    `set_budget` then follows.
+    """
+    from .calibrate import iterate, nest_activation_aware
+
     specs = plan(model, targets, max_rank, max_rank_fraction)
-    nest_model(model, specs, svd, factor_fn=factor_fn, on_layer=on_layer)
+    energies = None
+    if calib_batches is not None:
+        energies = nest_activation_aware(model, specs, iterate(calib_batches), on_layer=on_layer)
+    else:
+        nest_model(model, specs, svd, factor_fn=factor_fn, on_layer=on_layer)
     cost_table(model, refresh=True)
+    if allocation == "global":
+        attach_global(model, *global_order(model, energies))
     return specs
 
 
@@ -62,25 +84,52 @@ def convert(cfg: ConvertConfig, on_start: Callable[[int], None] | None = None,
     before = model_stats(model)
     if cfg.dry_run:
         return ConvertResult(specs, {"layers": len(specs), **before}, None)
+    batches = None
+    if cfg.calib:
+        from .calibrate import calibration_batches
+
+        batches = calibration_batches(cfg.calib, tokenizer, task, cfg.calib_samples,
+                                      cfg.calib_seq_len)
     if on_start is not None:
         on_start(len(specs))
     convert_model(model, cfg.targets, cfg.max_rank, cfg.max_rank_fraction, cfg.svd,
-                  on_layer=on_layer)
+                  on_layer=on_layer, calib_batches=batches, allocation=cfg.allocation)
     summary = {"layers": len(specs), **before, **nested_stats(model)}
     out = Path(cfg.out_dir)
     with staging_dir(out) as tmp:
         save_model(model, tokenizer, tmp / MODEL_DIR)
+        outputs = folder_records(tmp / MODEL_DIR, tmp)
+        allocation = {"method": cfg.allocation}
+        settings = getattr(model, "_nsn_settings", None)
+        if settings is not None:
+            write_allocation(tmp / ALLOCATION_FILE, settings.names, settings.order)
+            record = file_record(tmp / ALLOCATION_FILE, tmp)
+            outputs.append(record)
+            allocation.update(criterion=CRITERION, path=record["path"], sha256=record["sha256"])
         manifest = {
             "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
             "source": source, "task": task,
-            "decomposition": {"method": "svd", "svd": cfg.svd, "split": "balanced"},
+            "decomposition": decomposition_record(cfg, batches),
+            "allocation": allocation,
             "modules": [s.to_json() for s in specs],
-            "stages": {"convert": {"config": to_dict(cfg),
-                                   "outputs": folder_records(tmp / MODEL_DIR, tmp),
+            "stages": {"convert": {"config": to_dict(cfg), "outputs": outputs,
                                    "summary": summary}},
         }
         write_manifest(tmp, manifest)
     return ConvertResult(specs, summary, out)
+
+
+def decomposition_record(cfg: ConvertConfig, batches: list[dict] | None) -> dict:
+    """How the factors were made: plain SVD, or whitened SVD on which calibration data."""
+    if batches is None:
+        return {"method": "svd", "svd": cfg.svd, "split": "balanced"}
+    from .decompose import DAMPING
+
+    return {"method": "whitened-svd", "split": "balanced-per-component", "damping": DAMPING,
+            "calibration": {"data": cfg.calib, "split": "train",
+                            "rows": sum(len(b["input_ids"]) for b in batches),
+                            "tokens": int(sum(b["attention_mask"].sum() for b in batches)),
+                            "seq_len": cfg.calib_seq_len}}
 
 
 def model_stats(model: nn.Module) -> dict:

@@ -85,9 +85,9 @@ def whitened_svd(weight: torch.Tensor, xtx: torch.Tensor, max_rank: int,
 
 
 def input_cholesky(xtx: torch.Tensor, damping: float = DAMPING) -> torch.Tensor:
-    """Lower-triangular L with L Lᵀ = C + ridge, C the normalised second moment.
+    """Lower-triangular L with L Lᵀ = C + ridge·mean(diag C)·I, C the second moment.
 
-    C is scaled to unit mean diagonal first, so the factors do not depend on how many
+    The ridge is relative to the mean input energy, so it does not depend on how many
     rows were summed. If C is not positive definite (dead inputs, too few samples,
     rounding) the ridge grows tenfold until Cholesky succeeds; a moment with no usable
     energy (all zero, NaN or inf) falls back to the identity, i.e. plain SVD.
@@ -104,7 +104,7 @@ def input_cholesky(xtx: torch.Tensor, damping: float = DAMPING) -> torch.Tensor:
     for _ in range(JITTER_TRIES):
         L, info = torch.linalg.cholesky_ex(C + ridge * eye)
         if info == 0 and torch.isfinite(L).all():
-            return L
+            return L * scale.sqrt()
         ridge = max(ridge * 10, 1e-6)
     return eye
 
