@@ -1,0 +1,166 @@
+"""The frontier stage: the Pareto-optimal settings of a profile, and budget → setting.
+
+The pure functions (`pareto_front`, `best_within_budget`, `metric_for`) take and return
+pandas DataFrames and touch no files; `frontier` is the stage around them (reads
+DIR/profile/, writes DIR/frontier/). The plot lives in plotting.py.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+
+from .config import FrontierConfig, to_dict
+from .errors import BudgetError, ProjectError, UsageError
+from .evaluate import HIGHER_IS_BETTER, METRICS, PRIMARY
+
+COST = "flops_fraction"
+VARIANTS = ("nsn", "baseline")  # each gets its own frontier; "dense" is the reference
+
+
+# ---------------------------------------------------------------- pure functions
+
+def metric_for(frame: pd.DataFrame, requested: str | None = None) -> tuple[str, bool]:
+    """(metric column, higher is better): the requested one, else the task's primary."""
+    if requested is not None:
+        if requested not in HIGHER_IS_BETTER or requested not in frame.columns:
+            present = [m for m in HIGHER_IS_BETTER if m in frame.columns]
+            raise UsageError(f"--metric {requested!r} is not in this profile "
+                             f"(it has: {', '.join(present)})")
+        return requested, HIGHER_IS_BETTER[requested]
+    for task, metric in PRIMARY.items():
+        if metric in frame.columns:
+            return metric, HIGHER_IS_BETTER[metric]
+    raise ProjectError("the profile has no metric column (perplexity or accuracy)")
+
+
+def ranked(frame: pd.DataFrame, metric: str, higher_is_better: bool) -> pd.DataFrame:
+    """Rows ordered by cost, ties broken best metric first; rows without numbers dropped."""
+    usable = frame.dropna(subset=[COST, metric])
+    return usable.sort_values([COST, metric], ascending=[True, not higher_is_better],
+                              kind="mergesort")
+
+
+def pareto_front(frame: pd.DataFrame, metric: str, higher_is_better: bool) -> pd.DataFrame:
+    """The rows no other row beats: none has lower-or-equal cost and a better-or-equal
+    metric with at least one of the two strictly better. Sorted by cost."""
+    keep, best = [], None
+    for index, row in ranked(frame, metric, higher_is_better).iterrows():
+        value = row[metric]
+        if best is None or (value > best if higher_is_better else value < best):
+            keep.append(index)
+            best = value
+    return frame.loc[keep]
+
+
+def dominates(a: pd.Series, b: pd.Series, metric: str, higher_is_better: bool) -> bool:
+    """Does row `a` dominate row `b`?"""
+    sign = 1 if higher_is_better else -1
+    no_worse = a[COST] <= b[COST] and sign * a[metric] >= sign * b[metric]
+    better = a[COST] < b[COST] or sign * a[metric] > sign * b[metric]
+    return bool(no_worse and better)
+
+
+def best_within_budget(frame: pd.DataFrame, budget: float, metric: str,
+                       higher_is_better: bool) -> pd.Series:
+    """The row with the best metric among those with flops_fraction ≤ budget (the
+    cheaper one on a tie)."""
+    if not 0 < budget <= 1:
+        raise UsageError(f"--budget must be in (0, 1], got {budget}")
+    within = ranked(frame, metric, higher_is_better)
+    within = within[within[COST] <= budget * (1 + 1e-9)]
+    if within.empty:
+        cheapest = frame[COST].min()
+        raise BudgetError(f"no measured setting fits budget {budget:g}: the cheapest costs "
+                          f"{cheapest:.3f} of dense FLOPs/token (profile lower budgets?)")
+    values = within[metric]
+    best = values.max() if higher_is_better else values.min()
+    return within[values == best].iloc[0]
+
+
+def frontier_of(profile: pd.DataFrame, metric: str, higher_is_better: bool) -> pd.DataFrame:
+    """The Pareto front of each variant (nsn, baseline), stacked."""
+    parts = [pareto_front(profile[profile["variant"] == v], metric, higher_is_better)
+             for v in VARIANTS if (profile["variant"] == v).any()]
+    return pd.concat(parts) if parts else profile.iloc[:0]
+
+
+# ---------------------------------------------------------------- the stage
+
+@dataclass
+class FrontierResult:
+    profile: pd.DataFrame
+    frontier: pd.DataFrame
+    metric: str
+    higher_is_better: bool
+    best: pd.Series | None
+    out_dir: Path
+    plots: list[Path]
+
+
+def read_profile(project: Path) -> tuple[pd.DataFrame, dict]:
+    csv, doc = project / "profile" / "profile.csv", project / "profile" / "profile.json"
+    if not csv.is_file():
+        raise ProjectError(f"{csv} not found: run `nsn profile {project}` first")
+    try:
+        frame = pd.read_csv(csv)
+        info = json.loads(doc.read_text(encoding="utf-8")) if doc.is_file() else {}
+    except (ValueError, OSError, pd.errors.ParserError) as exc:
+        raise ProjectError(f"{csv} is corrupt: {str(exc).splitlines()[0]}") from None
+    if not {"variant", COST} <= set(frame.columns):
+        raise ProjectError(f"{csv} is corrupt: it lacks the variant/{COST} columns")
+    return frame, info
+
+
+def json_rows(frame: pd.DataFrame) -> list[dict]:
+    rows = json.loads(frame.to_json(orient="records"))  # NaN/inf become null
+    return rows
+
+
+def frontier(cfg: FrontierConfig) -> FrontierResult:
+    """Run the stage: frontier.csv/.json always, frontier.png/.svg with --plot."""
+    from .project import (atomic_write_json, atomic_write_text, folder_records, read_manifest,
+                          record_stage, staging_dir)
+
+    project = Path(cfg.project)
+    manifest = read_manifest(project)
+    profile, info = read_profile(project)
+    metric, higher = metric_for(profile, cfg.metric)
+    front = frontier_of(profile, metric, higher)
+    nsn = profile[profile["variant"] == "nsn"]
+    best = best_within_budget(nsn, cfg.budget, metric, higher) if cfg.budget is not None else None
+    out, plots = project / "frontier", []
+    with staging_dir(out) as tmp:
+        atomic_write_text(tmp / "frontier.csv", front.to_csv(index=False))
+        doc = {"metric": metric, "higher_is_better": higher, "cost": COST,
+               "budget": cfg.budget, "best": None if best is None else json_rows(best.to_frame().T)[0],
+               "points": json_rows(front)}
+        atomic_write_json(tmp / "frontier.json", doc)
+        if cfg.plot:
+            from .plotting import plot_frontier, save_figure
+
+            figure = plot_frontier(profile, front, metric, higher, info, manifest)
+            plots = [out / p.name for p in save_figure(figure, tmp)]
+    summary = {"metric": metric, "points": int(len(front)), "budget": cfg.budget,
+               "best": doc["best"], "plot": bool(cfg.plot)}
+    record_stage(project, "frontier", to_dict(cfg), folder_records(out, project), summary)
+    return FrontierResult(profile, front, metric, higher, best, out, plots)
+
+
+def export_hint(project: str, best: pd.Series) -> str:
+    """The `nsn export` command that reproduces the chosen setting."""
+    if not math.isnan(best.get("budget", math.nan)):
+        flag = f"--budget {best['budget']:g}"
+    else:
+        flag = f"--rank-fraction {best['rank_fraction']:g}"
+    return f"nsn export {project} DEST {flag}"
+
+
+def table_columns(frame: pd.DataFrame, metric: str) -> list[str]:
+    extra = [m for task in METRICS.values() for m in task if m in frame.columns and m != metric]
+    return ["variant", "budget", "rank_fraction", COST, metric, *extra, "latency_ratio",
+            "peak_memory_mb"]

@@ -1,0 +1,447 @@
+"""The profile stage: measure every point of the compute/quality curve.
+
+For each setting (a FLOPs budget or a rank fraction) on the held-out split: the task
+metric (evaluate.py), FLOPs per token (analytic, and counted by FlopCounterMode on one
+batch), active parameters, latency per batch, and memory. The dense original model
+(every nested layer merged back into one plain layer at full rank) is measured in the
+same run as the 1.0 reference; `--baseline` adds untrained truncated SVD (the model
+exactly as `nsn convert` made it) at the same settings.
+
+The columns of profile.csv are documented in the README ("profile.csv columns").
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+import tempfile
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch import nn
+
+from .budget import apply_ranks, cost_table, set_budget, set_rank
+from .config import ConvertConfig, ProfileConfig, to_dict
+from .data import DataSpec, load_task_data, pad_batch
+from .errors import BudgetError, ModelError, ProjectError, UsageError
+from .evaluate import METRICS, EvalResult, batches, evaluate, forward_kwargs, label_mapping
+from .export import merge_layers
+from .measure import (activation_peak_bytes, active_weights, counted_flops_per_token,
+                      round_robin_times)
+from .project import (atomic_write_json, atomic_write_text, folder_records, read_manifest,
+                      record_stage, staging_dir)
+from .surgery import nested_layers
+
+DEFAULT_BUDGETS = (0.05, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
+DEFAULT_SEQ_LEN = 128
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DATA_FIELDS = ("data", "text_column", "label_column", "split", "eval_split", "eval_fraction",
+               "max_samples", "seq_len")
+SETTING_COLUMNS = ["variant", "budget", "rank_fraction", "mean_rank_fraction", "min_rank",
+                   "max_rank", "flops_per_token", "flops_fraction", "flops_counted_per_token",
+                   "flops_counted_fraction", "params", "params_fraction"]
+COST_COLUMNS = ["latency_ms", "latency_ms_min", "latency_ms_max", "latency_ratio",
+                "weights_mb", "activations_mb", "peak_memory_mb"]
+MB = 1e6
+
+
+def columns_for(task: str) -> list[str]:
+    return SETTING_COLUMNS + list(METRICS[task]) + COST_COLUMNS
+
+
+# ---------------------------------------------------------------- settings to measure
+
+@dataclass
+class Point:
+    """One rank setting to measure, and the request(s) that led to it."""
+
+    variant: str
+    ranks: dict[str, int] | None  # None: the dense model
+    budget: float | None = None
+    rank_fraction: float | None = None
+    also: list[float] = field(default_factory=list)  # other requests with the same ranks
+
+
+def plan_points(model: nn.Module, variant: str, budgets: list[float] | None,
+                rank_fractions: list[float] | None, seq_len: int
+                ) -> tuple[list[Point], list[dict]]:
+    """Distinct settings in request order; requests below the model's floor are skipped."""
+    points: dict[tuple, Point] = {}
+    skipped = []
+    for value in (rank_fractions or budgets):
+        try:
+            if rank_fractions:
+                ranks = set_rank(model, fraction=value)
+            else:
+                ranks = set_budget(model, value, seq_len=seq_len).ranks
+        except BudgetError as exc:
+            skipped.append({"variant": variant, "budget": value, "reason": str(exc)})
+            continue
+        key = tuple(sorted(ranks.items()))
+        if key in points:
+            points[key].also.append(value)
+        elif rank_fractions:
+            points[key] = Point(variant, ranks, rank_fraction=value)
+        else:
+            points[key] = Point(variant, ranks, budget=value)
+    return list(points.values()), skipped
+
+
+# ---------------------------------------------------------------- measurements
+
+@dataclass
+class Bench:
+    """What every point is measured on: the held-out batches and one timing batch."""
+
+    task: str
+    seq_len: int
+    eval_batches: list[dict]
+    timing_batch: dict
+    label_map: torch.Tensor | None
+    warmup: int
+    repeats: int
+    dense_flops: float = 0.0  # analytic FLOPs/token of the dense original
+    dense_counted: float = 0.0
+    dense_params: int = 0
+    dense_latency: float = 0.0
+    eval_result: EvalResult | None = None
+
+
+def measure(model: nn.Module, point: Point, bench: Bench) -> dict:
+    """Metric, FLOPs, parameters and memory of `model` at `point` (ranks already applied).
+
+    Latency is timed afterwards for all points together (see `add_latency`).
+    """
+    result = evaluate(model, bench.eval_batches, bench.task, bench.label_map)
+    counted = counted_flops_per_token(model, bench.timing_batch, bench.task)
+    activations = activation_peak_bytes(model, bench.timing_batch, bench.task)
+    params, weight_bytes = active_weights(model)
+    layers = nested_layers(model)
+    ranks = [m.rank for m in layers.values()]
+    fractions = [m.rank / m.max_rank for m in layers.values()]
+    flops = cost_table(model).flops(seq_len=bench.seq_len) if layers else bench.dense_flops
+    bench.eval_result = result
+    return {"variant": point.variant, "budget": point.budget, "rank_fraction": point.rank_fraction,
+            "mean_rank_fraction": sum(fractions) / len(fractions) if fractions else None,
+            "min_rank": min(ranks, default=None), "max_rank": max(ranks, default=None),
+            "flops_per_token": flops, "flops_fraction": flops / bench.dense_flops,
+            "flops_counted_per_token": counted,
+            "flops_counted_fraction": counted / (bench.dense_counted or counted),
+            "params": params, "params_fraction": params / (bench.dense_params or params),
+            **result.metrics,
+            "weights_mb": weight_bytes / MB, "activations_mb": activations / MB,
+            "peak_memory_mb": (weight_bytes + activations) / MB}
+
+
+def add_latency(rows: list[dict], times: list[list[float]], bench: Bench) -> None:
+    """Fill the latency columns of `rows` from their timings (ratio to the dense median)."""
+    for row, ms in zip(rows, times):
+        median = statistics.median(ms)
+        row.update(latency_ms=median, latency_ms_min=min(ms), latency_ms_max=max(ms),
+                   latency_ratio=median / bench.dense_latency)
+
+
+# ---------------------------------------------------------------- resolving the run
+
+def validate(cfg: ProfileConfig) -> None:
+    """Flag checks that need no model, so bad input fails in milliseconds."""
+    if cfg.budgets and cfg.rank_fractions:
+        raise UsageError("give --budgets or --rank-fractions, not both")
+    for flag, values in (("--budgets", cfg.budgets), ("--rank-fractions", cfg.rank_fractions)):
+        for value in values or []:
+            if not 0 < value <= 1:
+                raise UsageError(f"{flag} values must be in (0, 1], got {value}")
+    for flag, value, low in (("--batch-size", cfg.batch_size, 1), ("--repeats", cfg.repeats, 1),
+                             ("--warmup", cfg.warmup, 0), ("--seq-len", cfg.seq_len, 2),
+                             ("--max-samples", cfg.max_samples, 1)):
+        if value is not None and value < low:
+            raise UsageError(f"{flag} must be at least {low}, got {value}")
+    if cfg.dtype not in DTYPES:
+        raise UsageError(f"--dtype must be one of {', '.join(DTYPES)}, got {cfg.dtype!r}")
+    resolve_device(cfg.device)
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise UsageError(f"--device {name!r} is not a device (cpu, cuda, cuda:N, auto)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--device cuda was asked for but no CUDA device is available")
+    return device
+
+
+def resolve_data(cfg: ProfileConfig, manifest: dict) -> tuple[ProfileConfig, int]:
+    """Fill unset data flags from the finetune stage (same data, same held-out carve).
+
+    Returns the resolved config and the seed of the held-out carve. Finetune's
+    settings are inherited only when --data is unset or names the same data.
+    """
+    finetune = (manifest["stages"].get("finetune") or {}).get("config") or {}
+    inherit = cfg.data is None or cfg.data == finetune.get("data")
+    values = {name: getattr(cfg, name) for name in DATA_FIELDS}
+    if inherit:
+        values = {k: v if v is not None else finetune.get(k) for k, v in values.items()}
+    if not values["data"]:
+        raise UsageError("no evaluation data: pass --data (the project has no finetune stage "
+                         "to take it from)")
+    seed = finetune.get("seed", 0) if inherit else 0
+    return replace(cfg, **values), seed if isinstance(seed, int) else 0
+
+
+def context_length(config) -> int | None:
+    for key in ("max_position_embeddings", "n_positions", "max_seq_len"):
+        value = getattr(config, key, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+def resolve_seq_len(cfg: ProfileConfig, model: nn.Module) -> int:
+    limit = context_length(model.config)
+    if cfg.seq_len is None:
+        return min(DEFAULT_SEQ_LEN, limit or DEFAULT_SEQ_LEN)
+    if limit is not None and cfg.seq_len > limit:
+        raise UsageError(f"--seq-len {cfg.seq_len} exceeds the model's context of {limit} tokens")
+    return cfg.seq_len
+
+
+def data_spec(cfg: ProfileConfig, seed: int) -> DataSpec:
+    defaults = {f.name: f.default for f in fields(DataSpec)}
+    chosen = {name: getattr(cfg, name) for name in DATA_FIELDS if name != "seq_len"}
+    return DataSpec(**{k: v if v is not None else defaults[k] for k, v in chosen.items()},
+                    seed=seed)
+
+
+def timing_batch(dataset, batch_size: int, seq_len: int, pad_id: int, device) -> dict:
+    """batch_size rows (cycled if the split is smaller), padded to exactly seq_len tokens,
+    so the counted FLOPs and the latency are per batch of batch_size × seq_len tokens."""
+    rows = [dataset[i % len(dataset)] for i in range(batch_size)]
+    batch = pad_batch(rows, pad_id)
+    batch.pop("labels", None)
+    width = batch["input_ids"].shape[1]
+    if width < seq_len:
+        pad = seq_len - width
+        batch["input_ids"] = torch.nn.functional.pad(batch["input_ids"], (0, pad), value=pad_id)
+        batch["attention_mask"] = torch.nn.functional.pad(batch["attention_mask"], (0, pad))
+    return {k: v.to(device) for k, v in batch.items()}
+
+
+# ---------------------------------------------------------------- the baseline
+
+def convert_time_model(manifest: dict, device, dtype) -> nn.Module:
+    """Re-run `nsn convert` with the project's recorded settings: untrained truncated SVD."""
+    from .convert import convert
+    from .loading import load
+
+    saved = (manifest["stages"].get("convert") or {}).get("config") or {}
+    known = {f.name for f in fields(ConvertConfig)}
+    kwargs = {k: v for k, v in saved.items() if k in known}
+    if not kwargs.get("model"):
+        raise ProjectError("--baseline: nsn.json records no source model to re-convert")
+    with tempfile.TemporaryDirectory(prefix="nsn-baseline-") as tmp:
+        kwargs.update(out_dir=str(Path(tmp) / "baseline"), force=True, dry_run=False)
+        try:
+            convert(ConvertConfig(**kwargs))
+        except ModelError as exc:
+            raise ModelError(f"--baseline re-converts the source model {kwargs['model']!r}, "
+                             f"which is not reachable here ({exc})") from None
+        model, _ = load(Path(tmp) / "baseline", device=device, dtype=dtype)
+    return model
+
+
+# ---------------------------------------------------------------- ladder ranks
+
+def ladder_fractions(manifest: dict) -> list[float]:
+    """Rank fractions finetune trained on (its ladder), if the manifest records them."""
+    stage = manifest["stages"].get("finetune") or {}
+    for source in (stage.get("summary") or {}, stage.get("config") or {}):
+        for key in ("ladder", "rank_ladder", "ladder_fractions"):
+            values = source.get(key)
+            if isinstance(values, list) and values:
+                found = [v.get("fraction") if isinstance(v, dict) else v for v in values]
+                found = [float(v) for v in found if isinstance(v, (int, float)) and 0 < v <= 1]
+                if found:
+                    return sorted(set(found))
+    return []
+
+
+def ladder_points(model: nn.Module, manifest: dict, seq_len: int) -> list[dict]:
+    """Where each trained ladder rank sits on the FLOPs axis (for the frontier plot)."""
+    from .allocation import ranks_at
+
+    table = cost_table(model)
+    dense = table.dense_flops(seq_len)
+    return [{"rank_fraction": f, "flops_fraction": table.flops(ranks_at(model, f, seq_len),
+                                                               seq_len) / dense}
+            for f in ladder_fractions(manifest)]
+
+
+# ---------------------------------------------------------------- the stage
+
+@dataclass
+class ProfileResult:
+    frame: object  # pandas.DataFrame, one row per point, columns as in columns_for(task)
+    run: dict
+    skipped: list[dict]
+    out_dir: Path
+
+
+def make_bench(cfg: ProfileConfig, model: nn.Module, data, tokenizer, task: str, device) -> Bench:
+    pad_id = tokenizer.pad_token_id
+    if pad_id is None:
+        pad_id = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0
+    return Bench(task, cfg.seq_len, batches(data.eval, cfg.batch_size, pad_id, device),
+                 timing_batch(data.eval, cfg.batch_size, cfg.seq_len, pad_id, device),
+                 label_mapping(model, data.labels) if task == "seq-cls" else None,
+                 cfg.warmup, cfg.repeats)
+
+
+def measure_dense(model: nn.Module, bench: Bench) -> tuple[nn.Module, dict]:
+    """The dense original: every nested layer merged at full rank into its plain class."""
+    set_rank(model, fraction=1.0)
+    bench.dense_flops = cost_table(model).dense_flops(bench.seq_len)
+    dense = merge_layers(model)
+    row = measure(dense, Point("dense", None), bench)
+    bench.dense_counted, bench.dense_params = row["flops_counted_per_token"], row["params"]
+    return dense, row
+
+
+def measure_points(model: nn.Module, points: list[Point], bench: Bench,
+                   on_point: Callable[[str], None]) -> list[dict]:
+    rows = []
+    for point in points:
+        apply_ranks(model, point.ranks)
+        label = (f"budget {point.budget:g}" if point.budget is not None
+                 else f"rank fraction {point.rank_fraction:g}")
+        rows.append(measure(model, point, bench) | {"ranks": dict(point.ranks),
+                                                    "also": point.also})
+        on_point(f"{point.variant} {label}")
+    return rows
+
+
+def time_rows(entries: list, rows: list[dict], bench: Bench, on_point, first_is_dense: bool
+              ) -> None:
+    """Time every entry in interleaved rounds and fill its row's latency columns."""
+    times = round_robin_times(entries, bench.timing_batch, bench.task, bench.warmup,
+                              bench.repeats, lambda done: on_point(f"timing round {done}"))
+    if first_is_dense:
+        bench.dense_latency = statistics.median(times[0])
+    add_latency(rows, times, bench)
+
+
+def profile(cfg: ProfileConfig, on_start: Callable[[int], None] = lambda total: None,
+            on_point: Callable[[str], None] = lambda label: None) -> ProfileResult:
+    """Run the stage: measure every point, write DIR/profile/, record the run in nsn.json."""
+    import pandas as pd
+
+    from .loading import load
+
+    validate(cfg)
+    project = Path(cfg.project)
+    manifest = read_manifest(project)
+    cfg, seed = resolve_data(cfg, manifest)
+    device, dtype = resolve_device(cfg.device), DTYPES[cfg.dtype]
+    model, tokenizer = load(project, device=device, dtype=dtype)
+    if tokenizer is None:
+        raise ProjectError(f"{project}/model has no tokenizer files: cannot read the data")
+    budgets = None if cfg.rank_fractions else list(cfg.budgets or DEFAULT_BUDGETS)
+    cfg = replace(cfg, seq_len=resolve_seq_len(cfg, model), budgets=budgets)
+    task = manifest["task"]
+    data = load_task_data(data_spec(cfg, seed), tokenizer, task, cfg.seq_len)
+    bench = make_bench(cfg, model, data, tokenizer, task, device)
+    points, skipped = plan_points(model, "nsn", budgets, cfg.rank_fractions, cfg.seq_len)
+    if not points:
+        raise BudgetError(f"no requested setting is measurable: {skipped[0]['reason']}")
+    on_start((1 + len(points) + cfg.repeats) * (2 if cfg.baseline else 1))
+    dense, dense_row = measure_dense(model, bench)
+    on_point("dense original")
+    rows = [dense_row] + measure_points(model, points, bench, on_point)
+    entries = [(dense, None)] + [(model, p.ranks) for p in points]
+    time_rows(entries, rows, bench, on_point, first_is_dense=True)
+    ladder = ladder_points(model, manifest, cfg.seq_len)
+    del model, dense, entries
+    if cfg.baseline:
+        rows += measure_baseline(manifest, device, dtype, cfg, bench, skipped, on_point)
+    frame = pd.DataFrame([{k: r.get(k) for k in columns_for(task)} for r in rows],
+                         columns=columns_for(task)).astype({"budget": float, "rank_fraction": float})
+    run = run_record(cfg, device, bench, len(frame), skipped)
+    out = write_outputs(project, cfg, frame, rows, run, skipped, ladder)
+    return ProfileResult(frame, run, skipped, out)
+
+
+def measure_baseline(manifest: dict, device, dtype, cfg: ProfileConfig, bench: Bench,
+                     skipped: list[dict], on_point) -> list[dict]:
+    baseline = convert_time_model(manifest, device, dtype)
+    points, more_skipped = plan_points(baseline, "baseline", cfg.budgets, cfg.rank_fractions,
+                                       cfg.seq_len)
+    skipped += more_skipped
+    on_point("baseline converted")
+    rows = measure_points(baseline, points, bench, on_point)
+    time_rows([(baseline, p.ranks) for p in points], rows, bench, on_point, first_is_dense=False)
+    return rows
+
+
+def run_record(cfg: ProfileConfig, device, bench: Bench, points: int,
+               skipped: list[dict]) -> dict:
+    """What the numbers were measured on (recorded in nsn.json and profile.json)."""
+    return {"device": str(device), "dtype": cfg.dtype, "batch_size": cfg.batch_size,
+            "seq_len": cfg.seq_len, "samples": bench.eval_result.samples,
+            "tokens": bench.eval_result.tokens, "data": cfg.data, "task": bench.task,
+            "timing_batch_tokens": int(bench.timing_batch["input_ids"].numel()),
+            "repeats": cfg.repeats, "warmup": cfg.warmup, "threads": torch.get_num_threads(),
+            "torch": torch.__version__, "points": points, "skipped": len(skipped),
+            "dense_flops_per_token": bench.dense_flops, "dense_latency_ms": bench.dense_latency}
+
+
+def json_safe(value):
+    """NaN and ±inf are not JSON: write them as null."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [json_safe(v) for v in value]
+    return value
+
+
+def write_outputs(project: Path, cfg: ProfileConfig, frame, rows: list[dict], run: dict,
+                  skipped: list[dict], ladder: list[dict]) -> Path:
+    """profile.csv and profile.json, written together; then the run goes into nsn.json."""
+    out = project / "profile"
+    doc = {"run": run, "columns": list(frame.columns), "skipped": skipped, "ladder": ladder,
+           "points": rows}
+    with staging_dir(out) as tmp:
+        atomic_write_text(tmp / "profile.csv", frame.to_csv(index=False))
+        atomic_write_json(tmp / "profile.json", json_safe(doc))
+    record_stage(project, "profile", to_dict(cfg), folder_records(out, project), run)
+    return out
+
+
+def rich_table(frame, columns: list[str], title: str):
+    """A Rich table of some columns of a DataFrame (numbers formatted compactly)."""
+    from rich.table import Table
+
+    table = Table(title=title)
+    for col in columns:
+        table.add_column(col, justify="left" if col == "variant" else "right")
+    for _, row in frame.iterrows():
+        table.add_row(*(format_cell(row[c]) for c in columns))
+    return table
+
+
+def format_cell(value) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return str(value)
+
+
+def summary_columns(task: str) -> list[str]:
+    return ["variant", "budget", "rank_fraction", "flops_fraction", "flops_counted_fraction",
+            *METRICS[task], "latency_ms", "latency_ratio", "peak_memory_mb"]
