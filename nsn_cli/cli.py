@@ -17,7 +17,7 @@ import typer
 from typer.core import TyperGroup
 from typer.exceptions import Abort, TyperException
 
-from .config import ConvertConfig, help_for
+from .config import ConvertConfig, ExportConfig, FrontierConfig, ProfileConfig, help_for
 
 
 class OneLineUsageErrors(TyperGroup):
@@ -88,6 +88,12 @@ def _h(cls, name):
     return help_for(cls, name)
 
 
+def _h_finetune(name):
+    from .config import FinetuneConfig
+
+    return help_for(FinetuneConfig, name)
+
+
 @app.command()
 @friendly_errors
 def convert(
@@ -123,6 +129,45 @@ def convert(
     report.convert_summary(console(), result)
 
 
+def _f(name: str, **kwargs):
+    """A `nsn finetune` option whose default and help come from FinetuneConfig."""
+    from .config import FinetuneConfig, default_of
+
+    return typer.Option(default_of(FinetuneConfig, name), help=_h(FinetuneConfig, name), **kwargs)
+
+
+@app.command()
+@friendly_errors
+def finetune(
+    project: Path = typer.Argument(..., help="Project directory (made by nsn convert)."),
+    data: str = _f("data"), text_column: str = _f("text_column"),
+    label_column: str = _f("label_column"), split: str = _f("split"),
+    eval_split: Optional[str] = _f("eval_split"), eval_fraction: float = _f("eval_fraction"),
+    max_samples: Optional[int] = _f("max_samples"), seq_len: Optional[int] = _f("seq_len"),
+    steps: int = _f("steps"), batch_size: int = _f("batch_size"),
+    grad_accum: int = _f("grad_accum"), lr: float = _f("lr"), scale_lr: float = _f("scale_lr"),
+    warmup: float = _f("warmup"), weight_decay: float = _f("weight_decay"),
+    clip: float = _f("clip"), precision: str = _f("precision"), seed: int = _f("seed"),
+    ladder: str = typer.Option("0.0625,0.125,0.25,0.5,1", help=_h_finetune("ladder")),
+    ranks_per_step: int = _f("ranks_per_step"), objective: str = _f("objective"),
+    distill: bool = _f("distill"), eval_every: int = _f("eval_every"),
+    eval_samples: int = _f("eval_samples"), save_every: int = _f("save_every"),
+    keep_checkpoints: int = _f("keep_checkpoints"), resume: bool = _f("resume"),
+    device: str = _f("device"),
+):
+    """Joint multi-rank training: every rank of the ladder gets good at once."""
+    flags = {**locals(), "project": str(project)}  # the parameters are FinetuneConfig's fields
+    from . import finetune_report as show
+    from .config import FinetuneConfig
+    from .finetune import finetune as run_stage
+
+    cfg = FinetuneConfig(**flags)
+    with show.progress(console(stderr=True)) as callbacks:
+        result = run_stage(cfg, *callbacks)
+    if result.summary is not None:  # process 0 of a torchrun group, or the only one
+        show.summary_table(console(), result)
+
+
 @app.command()
 @friendly_errors
 def info(project: Path = typer.Argument(..., help="Project directory.")):
@@ -152,6 +197,79 @@ def verify(project: Path = typer.Argument(..., help="Project directory.")):
         table.add_row(check.path, str(check.size), check.status)
     console().print(table)
     raise_on_problems(result)
+
+
+@app.command()
+@friendly_errors
+def profile(
+    project: Path = typer.Argument(..., help=_h(ProfileConfig, "project")),
+    data: Optional[str] = typer.Option(None, help=_h(ProfileConfig, "data")),
+    text_column: Optional[str] = typer.Option(None, help=_h(ProfileConfig, "text_column")),
+    label_column: Optional[str] = typer.Option(None, help=_h(ProfileConfig, "label_column")),
+    split: Optional[str] = typer.Option(None, help=_h(ProfileConfig, "split")),
+    eval_split: Optional[str] = typer.Option(None, help=_h(ProfileConfig, "eval_split")),
+    eval_fraction: Optional[float] = typer.Option(None, help=_h(ProfileConfig, "eval_fraction")),
+    max_samples: Optional[int] = typer.Option(None, help=_h(ProfileConfig, "max_samples")),
+    seq_len: Optional[int] = typer.Option(None, help=_h(ProfileConfig, "seq_len")),
+    batch_size: int = typer.Option(8, help=_h(ProfileConfig, "batch_size")),
+    budgets: Optional[str] = typer.Option(None, help=_h(ProfileConfig, "budgets")),
+    rank_fractions: Optional[str] = typer.Option(None, help=_h(ProfileConfig, "rank_fractions")),
+    baseline: bool = typer.Option(False, help=_h(ProfileConfig, "baseline")),
+    repeats: int = typer.Option(5, help=_h(ProfileConfig, "repeats")),
+    warmup: int = typer.Option(2, help=_h(ProfileConfig, "warmup")),
+    device: str = typer.Option("auto", help=_h(ProfileConfig, "device")),
+    dtype: str = typer.Option("float32", help=_h(ProfileConfig, "dtype")),
+):
+    """Measure metric, FLOPs, parameters, latency and memory at a grid of budgets."""
+    from . import curve_report as show
+    from . import profiling as stage
+
+    cfg = ProfileConfig(project=str(project), data=data, text_column=text_column,
+                        label_column=label_column, split=split, eval_split=eval_split,
+                        eval_fraction=eval_fraction, max_samples=max_samples, seq_len=seq_len,
+                        batch_size=batch_size, budgets=show.parse_fractions(budgets, "--budgets"),
+                        rank_fractions=show.parse_fractions(rank_fractions, "--rank-fractions"),
+                        baseline=baseline, repeats=repeats, warmup=warmup, device=device,
+                        dtype=dtype)
+    with show.progress(console(stderr=True)) as (on_start, on_point):
+        result = stage.profile(cfg, on_start, on_point)
+    show.print_profile(console(), result)
+
+
+@app.command()
+@friendly_errors
+def frontier(
+    project: Path = typer.Argument(..., help=_h(FrontierConfig, "project")),
+    budget: Optional[float] = typer.Option(None, help=_h(FrontierConfig, "budget")),
+    plot: bool = typer.Option(False, help=_h(FrontierConfig, "plot")),
+    metric: Optional[str] = typer.Option(None, help=_h(FrontierConfig, "metric")),
+):
+    """The Pareto-optimal settings of the profile; the best one within a budget; the plot."""
+    from . import curve_report as show
+    from . import frontier as stage
+
+    cfg = FrontierConfig(project=str(project), budget=budget, plot=plot, metric=metric)
+    show.print_frontier(console(), stage.frontier(cfg), str(project))
+
+
+@app.command()
+@friendly_errors
+def export(
+    project: Path = typer.Argument(..., help=_h(ExportConfig, "project")),
+    dest: Path = typer.Argument(..., help=_h(ExportConfig, "dest")),
+    budget: Optional[float] = typer.Option(None, help=_h(ExportConfig, "budget")),
+    rank_fraction: Optional[float] = typer.Option(None, help=_h(ExportConfig, "rank_fraction")),
+    format: str = typer.Option("factored", help=_h(ExportConfig, "format")),
+    seq_len: Optional[int] = typer.Option(None, help=_h(ExportConfig, "seq_len")),
+    force: bool = typer.Option(False, help=_h(ExportConfig, "force")),
+):
+    """Write a deployable model at one budget: factored (nsn) or merged (plain HF)."""
+    from . import curve_report as show
+    from . import export as stage
+
+    cfg = ExportConfig(project=str(project), dest=str(dest), budget=budget,
+                       rank_fraction=rank_fraction, format=format, seq_len=seq_len, force=force)
+    show.print_export(console(), stage.export(cfg))
 
 
 def main() -> None:

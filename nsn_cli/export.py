@@ -235,14 +235,3 @@ def truncated_allocation(settings, ranks: dict[str, int], manifest: dict, tmp: P
     rel = record.get("path", ALLOCATION_FILE)
     write_allocation(tmp / rel, settings.names, torch.tensor(kept, dtype=torch.long))
     return dict(record, path=rel, sha256=sha256_file(tmp / rel))
-
-
-def export_summary_rows(result: ExportResult) -> list[tuple[str, str]]:
-    """(label, value) pairs for the CLI's summary table."""
-    ranks = list(result.ranks.values())
-    return [("format", result.format), ("written to", str(result.dest)),
-            ("FLOPs/token, fraction of dense", f"{result.flops_fraction:.3f}"),
-            ("ranks (min / max)", f"{min(ranks)} / {max(ranks)}"),
-            ("parameters", f"{result.params:,}"),
-            ("weights file size", f"{result.size_bytes / 1e6:.2f} MB")]
-

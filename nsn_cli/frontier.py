@@ -16,7 +16,7 @@ import pandas as pd
 
 from .config import FrontierConfig, to_dict
 from .errors import BudgetError, ProjectError, UsageError
-from .evaluate import HIGHER_IS_BETTER, METRICS, PRIMARY
+from .evaluate import HIGHER_IS_BETTER, PRIMARY
 
 COST = "flops_fraction"
 VARIANTS = ("nsn", "baseline")  # each gets its own frontier; "dense" is the reference
@@ -98,6 +98,7 @@ class FrontierResult:
     metric: str
     higher_is_better: bool
     best: pd.Series | None
+    best_budget: float | None
     out_dir: Path
     plots: list[Path]
 
@@ -148,7 +149,7 @@ def frontier(cfg: FrontierConfig) -> FrontierResult:
     summary = {"metric": metric, "points": int(len(front)), "budget": cfg.budget,
                "best": doc["best"], "plot": bool(cfg.plot)}
     record_stage(project, "frontier", to_dict(cfg), folder_records(out, project), summary)
-    return FrontierResult(profile, front, metric, higher, best, out, plots)
+    return FrontierResult(profile, front, metric, higher, best, cfg.budget, out, plots)
 
 
 def export_hint(project: str, best: pd.Series) -> str:
@@ -158,9 +159,3 @@ def export_hint(project: str, best: pd.Series) -> str:
     else:
         flag = f"--rank-fraction {best['rank_fraction']:g}"
     return f"nsn export {project} DEST {flag}"
-
-
-def table_columns(frame: pd.DataFrame, metric: str) -> list[str]:
-    extra = [m for task in METRICS.values() for m in task if m in frame.columns and m != metric]
-    return ["variant", "budget", "rank_fraction", COST, metric, *extra, "latency_ratio",
-            "peak_memory_mb"]

@@ -260,13 +260,20 @@ def ladder_fractions(manifest: dict) -> list[float]:
     """Rank fractions finetune trained on (its ladder), if the manifest records them."""
     stage = manifest["stages"].get("finetune") or {}
     for source in (stage.get("summary") or {}, stage.get("config") or {}):
-        for key in ("ladder", "rank_ladder", "ladder_fractions"):
-            values = source.get(key)
-            if isinstance(values, list) and values:
-                found = [v.get("fraction") if isinstance(v, dict) else v for v in values]
-                found = [float(v) for v in found if isinstance(v, (int, float)) and 0 < v <= 1]
-                if found:
-                    return sorted(set(found))
+        values = source.get("ladder")
+        if isinstance(values, str):  # the flag's comma-separated form
+            values = values.split(",")
+        found = []
+        for value in values if isinstance(values, list) else []:
+            value = value.get("fraction") if isinstance(value, dict) else value
+            try:
+                value = float(value)
+            except (TypeError, ValueError):
+                continue
+            if 0 < value <= 1:
+                found.append(value)
+        if found:
+            return sorted(set(found))
     return []
 
 
@@ -420,28 +427,3 @@ def write_outputs(project: Path, cfg: ProfileConfig, frame, rows: list[dict], ru
         atomic_write_json(tmp / "profile.json", json_safe(doc))
     record_stage(project, "profile", to_dict(cfg), folder_records(out, project), run)
     return out
-
-
-def rich_table(frame, columns: list[str], title: str):
-    """A Rich table of some columns of a DataFrame (numbers formatted compactly)."""
-    from rich.table import Table
-
-    table = Table(title=title)
-    for col in columns:
-        table.add_column(col, justify="left" if col == "variant" else "right")
-    for _, row in frame.iterrows():
-        table.add_row(*(format_cell(row[c]) for c in columns))
-    return table
-
-
-def format_cell(value) -> str:
-    if value is None or (isinstance(value, float) and math.isnan(value)):
-        return "-"
-    if isinstance(value, float):
-        return f"{value:.4g}"
-    return str(value)
-
-
-def summary_columns(task: str) -> list[str]:
-    return ["variant", "budget", "rank_fraction", "flops_fraction", "flops_counted_fraction",
-            *METRICS[task], "latency_ms", "latency_ratio", "peak_memory_mb"]
