@@ -200,7 +200,7 @@ def write_factored(model: nn.Module, tokenizer, tmp: Path, cfg: ExportConfig, ch
     settings = getattr(model, "_nsn_settings", None)
     ranks = truncate_layers(model)
     save_model(model, tokenizer, tmp / MODEL_DIR)
-    out = {k: v for k, v in manifest.items() if k not in ("stages", "allocation")}
+    out = {k: v for k, v in manifest.items() if k != "stages"}
     out["modules"] = [dict(m, max_rank=ranks[m["name"]]) for m in manifest["modules"]]
     allocation = truncated_allocation(settings, ranks, manifest, tmp)
     if allocation:
