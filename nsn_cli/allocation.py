@@ -200,6 +200,9 @@ def load_into(model: nn.Module, project: Path, manifest: dict) -> GlobalSettings
     record = (manifest.get("allocation") or {})
     if record.get("method") != "global":
         return None
-    names, order = read_allocation(Path(project) / record.get("path", ALLOCATION_FILE),
-                                   record.get("sha256"))
+    from .project import manifest_path
+    from .safety import contained_path
+
+    source = contained_path(project, record.get("path", ALLOCATION_FILE), manifest_path(project))
+    names, order = read_allocation(source, record.get("sha256"))
     return attach_global(model, names, order)

@@ -62,7 +62,9 @@ def friendly_errors(command):
         except NsnError as exc:
             if os.environ.get("NSN_DEBUG") == "1":
                 raise
-            typer.echo(f"nsn: error: {exc}", err=True)
+            # One line, whatever a stranger's file put into the message (newlines, escapes).
+            line = "".join(c if c.isprintable() else " " for c in str(exc))
+            typer.echo(f"nsn: error: {line}", err=True)
             raise typer.Exit(exc.exit_code) from None
         except KeyboardInterrupt:
             typer.echo("nsn: interrupted", err=True)

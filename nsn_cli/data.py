@@ -8,10 +8,12 @@ labels) rows with labels mapped to ids in a stable order.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import DataError
+from .safety import check_json_columns
 
 # alias -> (hub path, config name, text column)
 ALIASES = {
@@ -65,6 +67,19 @@ def data_files(path: Path) -> tuple[str, list[str]]:
     return builders.pop(), [str(p) for p in files]
 
 
+@contextlib.contextmanager
+def quiet_datasets():
+    """datasets logs a read failure before raising it; the DataError says it once."""
+    import datasets
+
+    level = datasets.logging.get_verbosity()
+    datasets.logging.set_verbosity(datasets.logging.CRITICAL)
+    try:
+        yield
+    finally:
+        datasets.logging.set_verbosity(level)
+
+
 def load_raw(spec: DataSpec):
     """A DatasetDict with 'train' and 'eval' splits of raw rows."""
     import datasets
@@ -74,7 +89,10 @@ def load_raw(spec: DataSpec):
     try:
         if path.exists():
             builder, files = data_files(path)
-            raw = datasets.load_dataset(builder, data_files={"train": files})
+            for file in files if builder == "json" else []:
+                check_json_columns(file, DataError)  # pyarrow can crash on mixed types
+            with quiet_datasets():
+                raw = datasets.load_dataset(builder, data_files={"train": files})
         elif spec.data.startswith((".", "/", "~")):
             raise DataError(f"data path {spec.data} does not exist")
         else:
@@ -85,6 +103,8 @@ def load_raw(spec: DataSpec):
     except DataError:
         raise
     except Exception as exc:  # datasets raises many types; each becomes one line
+        while exc.__cause__ is not None:  # "error while generating the dataset" hides why
+            exc = exc.__cause__
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise DataError(f"cannot load data {spec.data!r}: {first}") from None
     return split_train_eval(raw, spec)

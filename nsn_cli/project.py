@@ -28,7 +28,7 @@ WEIGHTS = "model.safetensors"
 STAGE_DIRS = ("finetune", "profile", "frontier")
 REQUIRED_KEYS = {"schema_version": int, "nsn_version": str, "source": dict, "task": str,
                  "modules": list, "stages": dict}
-OPTIONAL_KEYS = {"decomposition": dict, "created": str}
+OPTIONAL_KEYS = {"decomposition": dict, "created": str, "allocation": dict}
 MODULE_KEYS = {"name": str, "kind": str, "d_in": int, "d_out": int, "max_rank": int,
                "bias": bool}
 MODULE_KINDS = ("linear", "conv1d")
@@ -146,12 +146,20 @@ def validate_manifest(manifest: dict, path: Path) -> dict:
                            f"({__version__}, schema {SCHEMA_VERSION}); upgrade nsn")
     check_fields(manifest, REQUIRED_KEYS, "", path)
     check_fields(manifest, OPTIONAL_KEYS, "", path, required=False)
+    if not manifest["modules"]:
+        raise ProjectError(f"{path} is corrupt: 'modules' lists no nested layer")
     for i, module in enumerate(manifest["modules"]):
         validate_module(module, f"modules[{i}]", path)
+    if "allocation" in manifest:
+        validate_allocation(manifest["allocation"], path)
     for name, stage in manifest["stages"].items():
-        check_fields(stage, STAGE_KEYS, f"stages.{name}", path)
+        check_fields(stage, STAGE_KEYS, f"stages[{name!r}]", path)
         for i, record in enumerate(stage["outputs"]):
-            validate_record(record, f"stages.{name}.outputs[{i}]", path)
+            validate_record(record, f"stages[{name!r}].outputs[{i}]", path)
+    weights = f"{MODEL_DIR}/{WEIGHTS}"
+    if not any(o["path"] == weights for s in manifest["stages"].values() for o in s["outputs"]):
+        raise ProjectError(f"{path} is corrupt: no stage records {weights}, so its integrity "
+                           "cannot be checked")
     return manifest
 
 
@@ -183,6 +191,14 @@ def validate_module(module, where: str, path: Path) -> None:
         problem = "max_rank exceeds min(d_in, d_out)"
     if problem:
         raise ProjectError(f"{path} is corrupt: {where}: {problem}")
+
+
+def validate_allocation(allocation: dict, path: Path) -> None:
+    check_fields(allocation, {"method": str}, "allocation", path)
+    check_fields(allocation, {"path": str, "sha256": str}, "allocation", path, required=False)
+    problem = "path" in allocation and path_problem(allocation["path"])
+    if problem:
+        raise ProjectError(f"{path}: path {allocation['path']!r} in allocation {problem}")
 
 
 def validate_record(record, where: str, path: Path) -> None:

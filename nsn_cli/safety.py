@@ -105,3 +105,57 @@ def refuse_nonfinite(model, what: str) -> None:
     if bad:
         raise TrainingError(f"refusing to save {what}: {describe_nonfinite(bad)}; "
                             "the last good weights on disk are kept")
+
+
+# ---------------------------------------------------------------- JSON data files
+
+def json_kind(value) -> str | None:
+    if value is None:
+        return None
+    if isinstance(value, bool):
+        return "boolean"
+    if isinstance(value, (int, float)):
+        return "number"
+    return {str: "string", list: "list", dict: "object"}[type(value)]
+
+
+def json_rows(path: Path):
+    """(line number, row) of a JSON Lines file, or of a .json file holding one list of rows."""
+    import json
+
+    with open(path, encoding="utf-8") as handle:
+        first = handle.read(1 << 16).lstrip()
+    if path.suffix.lower() == ".json" and first.startswith("["):
+        yield from ((1, row) for row in json.loads(Path(path).read_text(encoding="utf-8")))
+        return
+    with open(path, encoding="utf-8") as handle:
+        for number, line in enumerate(handle, 1):
+            if line.strip():
+                yield number, json.loads(line)
+
+
+def check_json_columns(path: Path, error: type[NsnError]) -> None:
+    """Refuse a JSON data file whose rows are not objects or whose columns change type.
+
+    Besides being unusable, a column that changes type can crash pyarrow's JSON reader
+    outright (a segfault in pyarrow 26, found by tests/test_fuzz.py), so the file is
+    checked in Python before `datasets` sees it.
+    """
+    path = Path(path)
+    kinds: dict[str, tuple[str, int]] = {}
+    try:
+        for number, row in json_rows(path):
+            if not isinstance(row, dict):
+                raise error(f"{path}:{number}: each row must be a JSON object")
+            for column, value in row.items():
+                kind = json_kind(value)
+                seen = kinds.setdefault(column, (kind, number)) if kind else None
+                if seen and seen[0] != kind:
+                    raise error(f"{path}:{number}: column {column!r} holds a {kind} but line "
+                                f"{seen[1]} holds a {seen[0]}; give each column one type")
+    except UnicodeDecodeError:
+        raise error(f"{path} is not UTF-8 text") from None
+    except RecursionError:
+        raise error(f"{path} nests JSON too deeply to read") from None
+    except ValueError as exc:  # json.JSONDecodeError
+        raise error(f"{path} is not valid JSON: {str(exc).splitlines()[0]}") from None

@@ -150,12 +150,13 @@ MANIFEST_DAMAGE = [
     (("modules", 0, "name"), "h..0", "not a module path"),
     (("modules", 1), "transformer.h.0", "modules[1] should be an object"),
     (("modules", 2, "bias"), 1, "'bias' in modules[2] should be bool"),
-    (("stages", "convert", "outputs"), {}, "'outputs' in stages.convert should be list"),
-    (("stages", "convert", "summary"), DELETE, "missing key 'summary' in stages.convert"),
+    (("stages", "convert", "outputs"), {}, "'outputs' in stages['convert'] should be list"),
+    (("stages", "convert", "summary"), DELETE, "missing key 'summary' in stages['convert']"),
     (("stages", "convert", "outputs", 0, "size"), -1, "bad sha256 or size"),
     (("stages", "convert", "outputs", 0, "sha256"), "abc", "bad sha256 or size"),
     (("stages", "convert", "outputs", 0, "mtime_ns"), 1.5, "'mtime_ns'"),
     (("stages", "convert", "outputs", 0, "path"), "../../etc/passwd", "climbs out"),
+    (("stages", "new\nline\x1b[2J"), 5, "stages['new\\nline\\x1b[2J'] should be an object"),
 ]
 
 

@@ -1,0 +1,312 @@
+"""Bad input, tried systematically (hypothesis): manifests, data files and CLI arguments.
+
+Every case either succeeds or fails with exactly one known-error line on stderr (never
+a traceback, never the catch-all "set NSN_DEBUG=1" line that marks an unexpected
+exception), and a failing case leaves the files it was pointed at byte-for-byte
+unchanged. The default runs are small; `-m slow` runs the same properties much longer.
+"""
+
+import json
+import shutil
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+from hypothesis import HealthCheck, assume, event, given, settings
+from hypothesis import strategies as st
+from typer.testing import CliRunner
+
+from nsn_cli import load
+from nsn_cli.cli import app
+from nsn_cli.data import DataSpec, load_task_data
+from nsn_cli.errors import NsnError
+
+runner = CliRunner()
+QUICK = settings(max_examples=25, deadline=None, database=None,
+                 suppress_health_check=list(HealthCheck))
+LONG = settings(max_examples=400, deadline=None, database=None,
+                suppress_health_check=list(HealthCheck))
+
+
+def snapshot(path):
+    return {p.relative_to(path).as_posix(): p.read_bytes() for p in sorted(path.rglob("*"))
+            if p.is_file()}
+
+
+def check_outcome(result, *, must_fail=False):
+    """Success, or one line of a known error; the catch-all line means a bug."""
+    if result.exit_code == 0 and not must_fail:
+        return True
+    assert result.exit_code != 0, result.output
+    assert "Traceback" not in result.output
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("nsn: error: "), result.stderr
+    assert "NSN_DEBUG" not in lines[0], lines[0]
+    return False
+
+
+# ---------------------------------------------------------------- manifests
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers(-2**70, 2**70) | st.floats() | st.text(max_size=12),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=8), inner,
+                                                                max_size=3),
+    max_leaves=6)
+
+
+def json_paths(node, prefix=()):
+    """Every path into a JSON tree (the root excluded)."""
+    children = node.items() if isinstance(node, dict) else \
+        enumerate(node) if isinstance(node, list) else []
+    for key, child in children:
+        yield prefix + (key,)
+        yield from json_paths(child, prefix + (key,))
+
+
+def mutate(manifest, data):
+    """One random edit of the manifest: delete, replace, wrap in a list, or add a key."""
+    paths = list(json_paths(manifest))
+    path = data.draw(st.sampled_from(paths), label="path")
+    parent = manifest
+    for key in path[:-1]:
+        parent = parent[key]
+    key = path[-1]
+    action = data.draw(st.sampled_from(["delete", "replace", "wrap", "add"]), label="action")
+    if action == "delete":
+        del parent[key]
+    elif action == "replace":
+        parent[key] = data.draw(json_values, label="value")
+    elif action == "wrap":
+        parent[key] = [parent[key]]
+    elif isinstance(parent[key], dict):
+        parent[key][data.draw(st.text(max_size=8), label="new key")] = data.draw(json_values)
+    return path, action
+
+
+@pytest.fixture(scope="module")
+def fuzz_project(converted, tmp_path_factory):
+    dest = tmp_path_factory.mktemp("fuzz") / "p"
+    shutil.copytree(converted["gpt2"], dest)
+    return dest
+
+
+def try_manifest(project, text: str, must_fail: bool = False):
+    """Run info, verify and load against `text` as nsn.json; restore the original after."""
+    manifest_file = project / "nsn.json"
+    original = manifest_file.read_bytes()
+    manifest_file.write_text(text, encoding="utf-8", errors="surrogatepass")
+    try:
+        before = snapshot(project)
+        for command in ("info", "verify"):
+            check_outcome(runner.invoke(app, [command, str(project)]), must_fail=must_fail)
+        try:
+            load(project)
+            assert not must_fail, "load accepted a broken manifest"
+        except NsnError:
+            pass
+        assert snapshot(project) == before
+    finally:
+        manifest_file.write_bytes(original)
+
+
+def manifest_mutation_property(fuzz_project, data):
+    manifest = json.loads((fuzz_project / "nsn.json").read_text())
+    mutate(manifest, data)
+    try_manifest(fuzz_project, json.dumps(manifest))
+
+
+@QUICK
+@given(data=st.data())
+def test_mutated_manifests(fuzz_project, data):
+    manifest_mutation_property(fuzz_project, data)
+
+
+@pytest.mark.slow
+@LONG
+@given(data=st.data())
+def test_mutated_manifests_long(fuzz_project, data):
+    manifest_mutation_property(fuzz_project, data)
+
+
+REQUIRED_PATHS = [("schema_version",), ("nsn_version",), ("source",), ("task",), ("modules",),
+                  ("stages",), ("modules", 0, "name"), ("modules", 3, "d_in"),
+                  ("modules", 5, "max_rank"), ("modules", 1, "kind"), ("modules", 2, "bias"),
+                  ("stages", "convert"), ("stages", "convert", "outputs"),
+                  ("stages", "convert", "outputs", 2, "sha256"),
+                  ("stages", "convert", "outputs", 1, "size"),
+                  ("stages", "convert", "outputs", 2, "path")]
+
+
+@QUICK
+@given(path=st.sampled_from(REQUIRED_PATHS),
+       value=st.one_of(st.just("DELETE"), st.lists(st.integers(), max_size=2), st.none()))
+def test_broken_required_fields_always_fail(fuzz_project, path, value):
+    manifest = json.loads((fuzz_project / "nsn.json").read_text())
+    parent = manifest
+    for key in path[:-1]:
+        parent = parent[key]
+    if value == "DELETE":
+        del parent[path[-1]]
+    else:
+        parent[path[-1]] = value
+    try_manifest(fuzz_project, json.dumps(manifest), must_fail=True)
+
+
+@QUICK
+@given(cut=st.integers(0, 10_000), junk=st.binary(max_size=20))
+def test_truncated_or_garbled_manifest_text_fails(fuzz_project, cut, junk):
+    text = (fuzz_project / "nsn.json").read_text()
+    broken = text[:cut % max(1, len(text) - 1)] + junk.decode("latin-1")
+    try:
+        json.loads(broken)
+        assume(False)  # still valid JSON: not this test's business
+    except ValueError:
+        pass
+    try_manifest(fuzz_project, broken, must_fail=True)
+
+
+# ---------------------------------------------------------------- data files
+
+cells = (st.text(max_size=40) | st.integers() | st.floats() | st.none() | st.booleans()
+         | st.lists(st.integers(), max_size=2) | st.just("x" * 200_000))
+rows = st.lists(st.dictionaries(st.sampled_from(["text", "label", "other"]), cells,
+                                max_size=3), max_size=8)
+
+
+def write_rows(path, rows_, suffix, raw_bytes):
+    if raw_bytes is not None:
+        path.write_bytes(raw_bytes)
+    elif suffix == ".jsonl":
+        path.write_text("".join(json.dumps(r) + "\n" for r in rows_))
+    elif suffix == ".json":
+        path.write_text(json.dumps(rows_))
+    elif suffix == ".csv":
+        keys = sorted({k for r in rows_ for k in r}) or ["text"]
+        lines = [",".join(keys)] + [",".join(json.dumps(r.get(k, ""))[:50] for k in keys)
+                                    for r in rows_]
+        path.write_text("\n".join(lines) + "\n")
+    else:
+        path.write_text("\n".join(str(r.get("text", "")) for r in rows_))
+
+
+def data_property(tmp_dir, tokenizer, rows_, suffix, task, raw_bytes):
+    path = tmp_dir / f"data{suffix}"
+    write_rows(path, rows_, suffix, raw_bytes)
+    before = snapshot(tmp_dir)
+    try:
+        loaded = load_task_data(DataSpec(str(path), seed=0), tokenizer, task, 8)
+        assert len(loaded.train) > 0 and len(loaded.eval) > 0
+        event("loaded")
+    except NsnError as exc:
+        assert "\n" not in str(exc) and str(exc)
+        event(" ".join(str(exc).replace(str(path), "FILE").split()[:4]))
+    assert snapshot(tmp_dir) == before
+
+
+bad_bytes = st.none() | st.binary(max_size=64) | st.just(b"\xff\xfe\x00t\x00e\x00x\x00t") | \
+    st.just("text\ncaf\xe9 cr\xe8me\n".encode("latin-1"))
+
+
+@QUICK
+@given(rows_=rows, suffix=st.sampled_from([".jsonl", ".json", ".csv", ".txt"]),
+       task=st.sampled_from(["causal-lm", "seq-cls"]), raw_bytes=bad_bytes)
+def test_bad_data_files(tmp_path_factory, tokenizer, rows_, suffix, task, raw_bytes):
+    data_property(tmp_path_factory.mktemp("data"), tokenizer, rows_, suffix, task, raw_bytes)
+
+
+@pytest.mark.slow
+@LONG
+@given(rows_=rows, suffix=st.sampled_from([".jsonl", ".json", ".csv", ".txt"]),
+       task=st.sampled_from(["causal-lm", "seq-cls"]), raw_bytes=bad_bytes)
+def test_bad_data_files_long(tmp_path_factory, tokenizer, rows_, suffix, task, raw_bytes):
+    data_property(tmp_path_factory.mktemp("data"), tokenizer, rows_, suffix, task, raw_bytes)
+
+
+# ---------------------------------------------------------------- CLI arguments
+
+FLAGS = ["--task", "--targets", "--max-rank", "--max-rank-fraction", "--svd", "--num-labels",
+         "--revision", "--force", "--dry-run", "--trust-remote-code", "--bogus", "-x", "--"]
+VALUES = st.one_of(st.sampled_from(["0", "-1", "1", "2.5", "nan", "inf", "", "all", "attn",
+                                    "exact", "seq-cls", "causal-lm", "(", "*", "é"]),
+                   st.text(max_size=6), st.integers(-5, 50).map(str))
+PATHS = ["{model}", "{project}", "{missing}", "{file}", "{junk}", "{new}"]
+
+
+@st.composite
+def argv(draw):
+    command = draw(st.sampled_from(["convert", "info", "verify"]))
+    args = [command] + draw(st.lists(st.sampled_from(PATHS) | VALUES, max_size=3))
+    for _ in range(draw(st.integers(0, 3))):
+        args.append(draw(st.sampled_from(FLAGS)))
+        if draw(st.booleans()):
+            args.append(draw(VALUES))
+    return args
+
+
+@pytest.fixture(scope="module")
+def cli_world(tiny_models, converted, tmp_path_factory):
+    pristine = tmp_path_factory.mktemp("cli-pristine")
+    shutil.copytree(converted["bert"], pristine / "project")
+    (pristine / "file.txt").write_text("not a model")
+    (pristine / "junk").mkdir()
+    (pristine / "junk" / "config.json").write_text("{")
+    root = tmp_path_factory.mktemp("cli-fuzz") / "world"
+    shutil.copytree(pristine, root)
+    return root, pristine, {"model": str(tiny_models["bert"]), "project": str(root / "project"),
+                            "missing": str(root / "missing"), "file": str(root / "file.txt"),
+                            "junk": str(root / "junk"), "new": str(root / "new")}
+
+
+def cli_property(cli_world, args):
+    root, pristine, paths = cli_world
+    args = [a.format(**paths) if a in PATHS else a for a in args]
+    before = snapshot(root)
+    result = runner.invoke(app, args)
+    event(f"{args[0]}: " + " ".join(result.stderr.split()[2:5]) if result.exit_code else "ok")
+    if not check_outcome(result) or args[0] != "convert":
+        assert snapshot(root) == before
+        return
+    # A convert that succeeded wrote a complete project wherever it wrote one.
+    for manifest in root.rglob("nsn.json"):
+        assert runner.invoke(app, ["verify", str(manifest.parent)]).exit_code == 0
+    shutil.rmtree(root)
+    shutil.copytree(pristine, root)  # the next example starts from the same world
+
+
+@QUICK
+@given(args=argv())
+def test_random_cli_arguments(cli_world, args):
+    cli_property(cli_world, args)
+
+
+@pytest.mark.slow
+@LONG
+@given(args=argv())
+def test_random_cli_arguments_long(cli_world, args):
+    cli_property(cli_world, args)
+
+
+PYARROW_CRASH = textwrap.dedent("""
+    import json, sys
+    sys.path.insert(0, sys.argv[2])
+    from conftest import make_tokenizer
+    from nsn_cli.data import DataSpec, load_task_data
+    from nsn_cli.errors import DataError
+    rows = [{"label": "x" * 200_000}, {"text": 2136}, {"other": "x" * 200_000, "text": True}]
+    open(sys.argv[1], "w").write("".join(json.dumps(r) + "\\n" for r in rows))
+    try:
+        load_task_data(DataSpec(sys.argv[1]), make_tokenizer(), "seq-cls", 8)
+    except DataError as exc:
+        print(exc)
+""")
+
+
+def test_json_that_crashes_pyarrow_is_refused_first(tmp_path):
+    """Found by the data fuzzer: this file makes pyarrow 26's JSON reader segfault."""
+    result = subprocess.run([sys.executable, "-c", PYARROW_CRASH, str(tmp_path / "d.jsonl"),
+                             str(Path(__file__).parent)], capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 0, result.stderr[-500:]
+    assert "d.jsonl:3: column 'text' holds a boolean but line 2 holds a number" in result.stdout
