@@ -91,7 +91,7 @@ def wrap(model: torch.nn.Module, dist: Dist) -> torch.nn.Module:
     from torch.nn.parallel import DistributedDataParallel
 
     ids = [dist.device.index] if dist.device.type == "cuda" else None
-    return DistributedDataParallel(model, device_ids=ids, broadcast_buffers=False)
+    return DistributedDataParallel(model, device_ids=ids)
 
 
 def sync_context(module: torch.nn.Module, sync: bool):

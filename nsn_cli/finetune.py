@@ -31,7 +31,7 @@ from .config import FinetuneConfig
 from .data import pad_batch
 from .distributed import Dist, setup, sync_context, wrap
 from .errors import TrainingError
-from .finetune_setup import FINETUNE_DIR, Inputs, load_inputs, validate
+from .finetune_setup import CHECKPOINTS, FINETUNE_DIR, Inputs, load_inputs, validate
 from .lock import project_lock
 from .objective import RankWeights, distill_loss, ranks_for_step, task_loss
 from .project import (MODEL_DIR, atomic_write_text, file_record, folder_records, record_stage,
@@ -39,7 +39,6 @@ from .project import (MODEL_DIR, atomic_write_text, file_record, folder_records,
 
 METRICS_FILE, EVAL_FILE = "metrics.csv", "eval.csv"
 METRIC_COLUMNS = ("step", "rank", "loss", "distill", "weight", "lr", "tokens_per_s")
-CHECKPOINTS = "checkpoints"  # under DIR/finetune/
 MIN_LR_RATIO = 0.1  # cosine decays to a tenth of the peak
 
 

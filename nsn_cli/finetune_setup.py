@@ -23,6 +23,7 @@ from .objective import OBJECTIVES, ladder_settings, parse_ladder
 from .project import MODEL_DIR, read_manifest
 
 FINETUNE_DIR = "finetune"
+CHECKPOINTS = "checkpoints"  # under DIR/finetune/
 PRECISIONS = ("fp32", "bf16")
 DEFAULT_MAX_SEQ_LEN = 256
 # Flags that may change between a run and its resume without changing what is trained.
@@ -99,7 +100,7 @@ def load_inputs(cfg: FinetuneConfig, ladder: list[float], dist: Dist) -> Inputs:
     manifest = read_manifest(project)
     checkpoint = None
     if cfg.resume:
-        checkpoint = ckpt.find_latest(project / FINETUNE_DIR / ckpt.CHECKPOINTS)
+        checkpoint = ckpt.find_latest(project / FINETUNE_DIR / CHECKPOINTS)
     model, tokenizer = load_model(project, manifest, checkpoint)
     task = manifest["task"]
     seq_len = resolve_seq_len(cfg.seq_len, model.config)
