@@ -117,8 +117,7 @@ def convert(
     dry_run: bool = typer.Option(False, help=_h(ConvertConfig, "dry_run")),
 ):
     """SVD surgery: replace a model's linear layers with nested factors."""
-    from . import convert as stage
-    from . import report
+    from . import stages
 
     cfg = ConvertConfig(model=model, out_dir=str(out_dir), task=task, targets=targets,
                         max_rank=max_rank, max_rank_fraction=max_rank_fraction, svd=svd,
@@ -126,9 +125,7 @@ def convert(
                         allocation=allocation,
                         num_labels=num_labels, revision=revision,
                         trust_remote_code=trust_remote_code, force=force, dry_run=dry_run)
-    with report.layer_progress("Decomposing") as (on_start, on_layer):
-        result = stage.convert(cfg, on_start=on_start, on_layer=on_layer)
-    report.convert_summary(console(), result)
+    stages.convert(cfg)
 
 
 def _f(name: str, **kwargs):
@@ -159,15 +156,10 @@ def finetune(
 ):
     """Joint multi-rank training: every rank of the ladder gets good at once."""
     flags = {**locals(), "project": str(project)}  # the parameters are FinetuneConfig's fields
-    from . import finetune_report as show
+    from . import stages
     from .config import FinetuneConfig
-    from .finetune import finetune as run_stage
 
-    cfg = FinetuneConfig(**flags)
-    with show.progress(console(stderr=True)) as callbacks:
-        result = run_stage(cfg, *callbacks)
-    if result.summary is not None:  # process 0 of a torchrun group, or the only one
-        show.summary_table(console(), result)
+    stages.finetune(FinetuneConfig(**flags))
 
 
 @app.command()
@@ -224,7 +216,7 @@ def profile(
 ):
     """Measure metric, FLOPs, parameters, latency and memory at a grid of budgets."""
     from . import curve_report as show
-    from . import profiling as stage
+    from . import stages
 
     cfg = ProfileConfig(project=str(project), data=data, text_column=text_column,
                         label_column=label_column, split=split, eval_split=eval_split,
@@ -233,9 +225,7 @@ def profile(
                         rank_fractions=show.parse_fractions(rank_fractions, "--rank-fractions"),
                         baseline=baseline, repeats=repeats, warmup=warmup, device=device,
                         dtype=dtype)
-    with show.progress(console(stderr=True)) as (on_start, on_point):
-        result = stage.profile(cfg, on_start, on_point)
-    show.print_profile(console(), result)
+    stages.profile(cfg)
 
 
 @app.command()
@@ -247,11 +237,9 @@ def frontier(
     metric: Optional[str] = typer.Option(None, help=_h(FrontierConfig, "metric")),
 ):
     """The Pareto-optimal settings of the profile; the best one within a budget; the plot."""
-    from . import curve_report as show
-    from . import frontier as stage
+    from . import stages
 
-    cfg = FrontierConfig(project=str(project), budget=budget, plot=plot, metric=metric)
-    show.print_frontier(console(), stage.frontier(cfg), str(project))
+    stages.frontier(FrontierConfig(project=str(project), budget=budget, plot=plot, metric=metric))
 
 
 @app.command()
@@ -272,6 +260,30 @@ def export(
     cfg = ExportConfig(project=str(project), dest=str(dest), budget=budget,
                        rank_fraction=rank_fraction, format=format, seq_len=seq_len, force=force)
     show.print_export(console(), stage.export(cfg))
+
+
+@app.command()
+@friendly_errors
+def run(
+    recipe: Path = typer.Argument(..., help="Recipe file (TOML) naming the model, data and stages."),
+    project: Optional[Path] = typer.Argument(None, help="Project directory (default: "
+                                             "runs/<recipe name>)."),
+    set_: list[str] = typer.Option([], "--set", help="Override a recipe value, e.g. "
+                                   "--set finetune.steps=200 (repeatable)."),
+    force: bool = typer.Option(False, help="Replace PROJECT if it is not an nsn project."),
+):
+    """Run a recipe end to end: convert → finetune → profile → frontier (resumable)."""
+    from . import recipe_report as show
+    from .recipe import check_model, load_recipe
+    from .run import run_recipe
+    from .stages import STAGE_FUNCTIONS
+
+    loaded = load_recipe(recipe, set_)
+    check_model(loaded)  # a missing model fails before any work starts
+    target = project or Path("runs") / loaded.name
+    result = run_recipe(loaded, target, STAGE_FUNCTIONS, force=force,
+                        on_stage=show.stage_banner(console(stderr=True)))
+    show.run_summary(console(), result)
 
 
 def main() -> None:

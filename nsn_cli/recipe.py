@@ -107,7 +107,19 @@ def load_recipe(path, overrides: typing.Sequence[str] = ()) -> Recipe:
     for override in overrides:
         apply_override(raw, override)
     stages = resolve(path, text, raw)
+    anchor_paths(stages, path.parent)
     return Recipe(path, text, str(raw.get("name") or path.stem), stages)
+
+
+PATH_KEYS = {("convert", "model"), ("convert", "calib"), ("finetune", "data"), ("profile", "data")}
+
+
+def anchor_paths(stages: dict[str, dict], base: Path) -> None:
+    """A relative path that exists next to the recipe is read from there, wherever nsn runs."""
+    for stage, key in PATH_KEYS:
+        value = stages.get(stage, {}).get(key)
+        if isinstance(value, str) and not Path(value).is_absolute() and (base / value).exists():
+            stages[stage][key] = str((base / value).resolve())
 
 
 def resolve(path: Path, text: str, raw: dict) -> dict[str, dict]:
@@ -167,3 +179,23 @@ def build_config(stage: str, values: dict, **runner):
     if missing:
         raise UsageError(f"stage {stage} needs {', '.join(missing)}")
     return cls(**kwargs)
+
+
+def check_model(recipe: Recipe) -> None:
+    """Fail now, not after minutes of work, when the recipe's model cannot be found."""
+    from .loading import looks_like_path, packaged_copy
+
+    model = recipe.stages["convert"]["model"]
+    if packaged_copy(model):
+        return
+    if looks_like_path(model):
+        if not Path(model).expanduser().is_dir():
+            fail(recipe.path, recipe.text, None, "model", f"model directory {model} does not exist")
+        return
+    from transformers import AutoConfig
+
+    try:
+        AutoConfig.from_pretrained(model)
+    except (OSError, ValueError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        fail(recipe.path, recipe.text, None, "model", f"cannot find model {model!r}: {first}")
