@@ -17,6 +17,9 @@ import pandas as pd
 from .config import FrontierConfig, to_dict
 from .errors import BudgetError, ProjectError, UsageError
 from .evaluate import HIGHER_IS_BETTER, PRIMARY
+from .lock import project_lock
+from .project import (atomic_write_json, atomic_write_text, folder_records, read_manifest,
+                      record_stage, staging_dir)
 
 COST = "flops_fraction"
 VARIANTS = ("nsn", "baseline")  # each gets its own frontier; "dense" is the reference
@@ -32,7 +35,7 @@ def metric_for(frame: pd.DataFrame, requested: str | None = None) -> tuple[str, 
             raise UsageError(f"--metric {requested!r} is not in this profile "
                              f"(it has: {', '.join(present)})")
         return requested, HIGHER_IS_BETTER[requested]
-    for task, metric in PRIMARY.items():
+    for metric in PRIMARY.values():
         if metric in frame.columns:
             return metric, HIGHER_IS_BETTER[metric]
     raise ProjectError("the profile has no metric column (perplexity or accuracy)")
@@ -118,17 +121,18 @@ def read_profile(project: Path) -> tuple[pd.DataFrame, dict]:
 
 
 def json_rows(frame: pd.DataFrame) -> list[dict]:
-    rows = json.loads(frame.to_json(orient="records"))  # NaN/inf become null
-    return rows
+    return json.loads(frame.to_json(orient="records"))  # NaN/inf become null
 
 
 def frontier(cfg: FrontierConfig) -> FrontierResult:
     """Run the stage: frontier.csv/.json always, frontier.png/.svg with --plot."""
-    from .project import (atomic_write_json, atomic_write_text, folder_records, read_manifest,
-                          record_stage, staging_dir)
-
     project = Path(cfg.project)
     manifest = read_manifest(project)
+    with project_lock(project, "nsn frontier"):
+        return frontier_locked(cfg, project, manifest)
+
+
+def frontier_locked(cfg: FrontierConfig, project: Path, manifest: dict) -> FrontierResult:
     profile, info = read_profile(project)
     metric, higher = metric_for(profile, cfg.metric)
     front = frontier_of(profile, metric, higher)
@@ -137,9 +141,9 @@ def frontier(cfg: FrontierConfig) -> FrontierResult:
     out, plots = project / "frontier", []
     with staging_dir(out) as tmp:
         atomic_write_text(tmp / "frontier.csv", front.to_csv(index=False))
+        best_row = None if best is None else json_rows(best.to_frame().T)[0]
         doc = {"metric": metric, "higher_is_better": higher, "cost": COST,
-               "budget": cfg.budget, "best": None if best is None else json_rows(best.to_frame().T)[0],
-               "points": json_rows(front)}
+               "budget": cfg.budget, "best": best_row, "points": json_rows(front)}
         atomic_write_json(tmp / "frontier.json", doc)
         if cfg.plot:
             from .plotting import plot_frontier, save_figure

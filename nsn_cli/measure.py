@@ -41,20 +41,28 @@ class LiveTensorBytes(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
+        # Views and in-place results share an input's storage: a view of a weight (or
+        # of anything made before the block) allocates nothing and is not counted.
+        inputs = {address_of(t) for t in tree_leaves((args, kwargs))
+                  if isinstance(t, torch.Tensor)}
         for tensor in tree_leaves(out):
-            if isinstance(tensor, torch.Tensor) and tensor.device.type != "meta":
-                storage = tensor.untyped_storage()
-                address = storage.data_ptr()
-                if address == 0:
-                    continue
-                entry = self.live.get(address)
-                if entry is None:
-                    entry = self.live[address] = [0, storage.nbytes()]
-                    self.current += entry[1]
-                    self.peak = max(self.peak, self.current)
-                entry[0] += 1
-                weakref.finalize(tensor, self._release, address)
+            if not isinstance(tensor, torch.Tensor) or tensor.device.type == "meta":
+                continue
+            address = address_of(tensor)
+            entry = self.live.get(address)
+            if address == 0 or (entry is None and address in inputs):
+                continue
+            if entry is None:
+                entry = self.live[address] = [0, tensor.untyped_storage().nbytes()]
+                self.current += entry[1]
+                self.peak = max(self.peak, self.current)
+            entry[0] += 1
+            weakref.finalize(tensor, self._release, address)
         return out
+
+
+def address_of(tensor: torch.Tensor) -> int:
+    return tensor.untyped_storage().data_ptr() if tensor.device.type != "meta" else 0
 
 
 def activation_peak_bytes(model: nn.Module, batch: dict, task: str) -> int:

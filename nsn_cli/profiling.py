@@ -233,25 +233,27 @@ def timing_batch(dataset, batch_size: int, seq_len: int, pad_id: int, device) ->
 
 # ---------------------------------------------------------------- the baseline
 
-def convert_time_model(manifest: dict, device, dtype) -> nn.Module:
-    """Re-run `nsn convert` with the project's recorded settings: untrained truncated SVD."""
+def reconvert(manifest: dict, scratch: Path) -> Path:
+    """Re-run `nsn convert` with the project's recorded settings into `scratch`.
+
+    That is the untrained truncated SVD the project started from; done before any
+    measurement, so an unreachable source model fails the run at once.
+    """
     from .convert import convert
-    from .loading import load
 
     saved = (manifest["stages"].get("convert") or {}).get("config") or {}
     known = {f.name for f in fields(ConvertConfig)}
     kwargs = {k: v for k, v in saved.items() if k in known}
     if not kwargs.get("model"):
         raise ProjectError("--baseline: nsn.json records no source model to re-convert")
-    with tempfile.TemporaryDirectory(prefix="nsn-baseline-") as tmp:
-        kwargs.update(out_dir=str(Path(tmp) / "baseline"), force=True, dry_run=False)
-        try:
-            convert(ConvertConfig(**kwargs))
-        except ModelError as exc:
-            raise ModelError(f"--baseline re-converts the source model {kwargs['model']!r}, "
-                             f"which is not reachable here ({exc})") from None
-        model, _ = load(Path(tmp) / "baseline", device=device, dtype=dtype)
-    return model
+    out = Path(scratch) / "baseline"
+    kwargs.update(out_dir=str(out), force=True, dry_run=False)
+    try:
+        convert(ConvertConfig(**kwargs))
+    except ModelError as exc:
+        raise ModelError(f"--baseline re-converts the source model {kwargs['model']!r}, "
+                         f"which is not reachable here ({exc})") from None
+    return out
 
 
 # ---------------------------------------------------------------- ladder ranks
@@ -343,15 +345,29 @@ def time_rows(entries: list, rows: list[dict], bench: Bench, on_point, first_is_
 
 def profile(cfg: ProfileConfig, on_start: Callable[[int], None] = lambda total: None,
             on_point: Callable[[str], None] = lambda label: None) -> ProfileResult:
-    """Run the stage: measure every point, write DIR/profile/, record the run in nsn.json."""
-    import pandas as pd
+    """Run the stage: measure every point, write DIR/profile/, record the run in nsn.json.
 
-    from .loading import load
+    The project's writer lock is held throughout, so the weights cannot change (a
+    finetune finishing) between the points of one profile.
+    """
+    from .lock import project_lock
 
     validate(cfg)
     project = Path(cfg.project)
     manifest = read_manifest(project)
     cfg, seed = resolve_data(cfg, manifest)
+    with project_lock(project, "nsn profile"), \
+            tempfile.TemporaryDirectory(prefix="nsn-profile-") as scratch:
+        baseline = reconvert(manifest, Path(scratch)) if cfg.baseline else None
+        return profile_locked(cfg, seed, project, manifest, baseline, on_start, on_point)
+
+
+def profile_locked(cfg: ProfileConfig, seed: int, project: Path, manifest: dict,
+                   baseline: Path | None, on_start, on_point) -> ProfileResult:
+    import pandas as pd
+
+    from .loading import load
+
     device, dtype = resolve_device(cfg.device), DTYPES[cfg.dtype]
     model, tokenizer = load(project, device=device, dtype=dtype)
     if tokenizer is None:
@@ -364,16 +380,17 @@ def profile(cfg: ProfileConfig, on_start: Callable[[int], None] = lambda total: 
     points, skipped = plan_points(model, "nsn", budgets, cfg.rank_fractions, cfg.seq_len)
     if not points:
         raise BudgetError(f"no requested setting is measurable: {skipped[0]['reason']}")
-    on_start((1 + len(points) + cfg.repeats) * (2 if cfg.baseline else 1))
+    on_start((1 + len(points) + cfg.repeats) * (2 if baseline else 1))
     dense, dense_row = measure_dense(model, bench)
     on_point("dense original")
     rows = [dense_row] + measure_points(model, points, bench, on_point)
     entries = [(dense, None)] + [(model, p.ranks) for p in points]
     time_rows(entries, rows, bench, on_point, first_is_dense=True)
     ladder = ladder_points(model, manifest, cfg.seq_len)
-    del model, dense, entries
-    if cfg.baseline:
-        rows += measure_baseline(manifest, device, dtype, cfg, bench, skipped, on_point)
+    del model, dense, entries  # one model in memory at a time
+    if baseline:
+        rows += measure_baseline(load(baseline, device=device, dtype=dtype)[0], cfg, bench,
+                                 skipped, on_point)
     frame = pd.DataFrame([{k: r.get(k) for k in columns_for(task)} for r in rows],
                          columns=columns_for(task)).astype({"budget": float, "rank_fraction": float})
     run = run_record(cfg, device, bench, len(frame), skipped)
@@ -381,13 +398,12 @@ def profile(cfg: ProfileConfig, on_start: Callable[[int], None] = lambda total: 
     return ProfileResult(frame, run, skipped, out)
 
 
-def measure_baseline(manifest: dict, device, dtype, cfg: ProfileConfig, bench: Bench,
+def measure_baseline(baseline: nn.Module, cfg: ProfileConfig, bench: Bench,
                      skipped: list[dict], on_point) -> list[dict]:
-    baseline = convert_time_model(manifest, device, dtype)
     points, more_skipped = plan_points(baseline, "baseline", cfg.budgets, cfg.rank_fractions,
                                        cfg.seq_len)
     skipped += more_skipped
-    on_point("baseline converted")
+    on_point("baseline loaded")
     rows = measure_points(baseline, points, bench, on_point)
     time_rows([(baseline, p.ranks) for p in points], rows, bench, on_point, first_is_dense=False)
     return rows
