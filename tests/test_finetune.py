@@ -286,3 +286,49 @@ def test_lr_schedule_warms_up_then_decays_to_a_tenth():
     assert factors[10] == pytest.approx(1.0)
     assert all(a >= b for a, b in zip(factors[10:], factors[11:]))
     assert factors[-1] == pytest.approx(0.1, abs=1e-3)
+
+
+# ---------------------------------------------------------------- classification
+
+def write_labels(path, relabel):
+    rows = [json.loads(line) for line in LABELLED.read_text().splitlines() if line.strip()]
+    path.write_text("".join(json.dumps({**r, "label": relabel(r)}) + "\n" for r in rows))
+    return path
+
+
+def test_classification_keeps_a_matching_head_and_names_the_labels(cls_project):
+    modules = json.loads((cls_project / "nsn.json").read_text())["modules"]
+    result = run(cls_project, data=LABELLED, steps=3, ladder="0.25,1")
+    assert result.summary["head"] == "kept" and result.summary["labels"] == ["land", "water"]
+    assert set(result.summary["ranks"][0]["after"]) == {"accuracy", "macro_f1"}
+    config = json.loads((cls_project / "model" / "config.json").read_text())
+    assert config["id2label"] == {"0": "land", "1": "water"}
+    assert config["label2id"] == {"land": 0, "water": 1}
+    assert json.loads((cls_project / "nsn.json").read_text())["modules"] == modules
+    model, _ = load(cls_project)
+    assert model.config.id2label[1] == "water"
+
+
+def test_classification_with_other_labels_gets_a_fresh_seeded_head(cls_project, tmp_path):
+    three = write_labels(tmp_path / "three.jsonl",
+                         lambda r: "mill" if "mill" in r["text"] else r["label"])
+    result = run(cls_project, data=three, steps=2, ladder="0.5,1")
+    assert result.summary["head"] == "new" and result.summary["labels"] == ["land", "mill", "water"]
+    model, _ = load(cls_project)  # the manifest still describes the model: shells fit
+    assert model.classifier.weight.shape == (3, 32) and model.config.num_labels == 3
+    ids = torch.tensor([[4, 50, 60, 70, 5]])
+    assert model(input_ids=ids).logits.shape == (1, 3)
+
+
+def test_head_rows_follow_the_label_names(converted):
+    from nsn_cli.finetune_setup import prepare_head
+
+    model, _ = load(converted["bert"])
+    model.config.id2label = {0: "water", 1: "land"}
+    ids = torch.tensor([[4, 50, 60, 70, 5]])
+    with torch.no_grad():
+        before = model(input_ids=ids).logits
+        assert prepare_head(model, ["land", "water"], seed=0) == "reordered"
+        after = model(input_ids=ids).logits
+    torch.testing.assert_close(after, before[:, [1, 0]])
+    assert model.config.id2label == {0: "land", 1: "water"}
