@@ -332,3 +332,47 @@ def test_head_rows_follow_the_label_names(converted):
         after = model(input_ids=ids).logits
     torch.testing.assert_close(after, before[:, [1, 0]])
     assert model.config.id2label == {0: "land", 1: "water"}
+
+
+# ---------------------------------------------------------------- many processes
+
+@pytest.mark.slow
+def test_two_processes_match_one_with_the_same_global_batch(tmp_path, tokenizer):
+    """torchrun with 2 CPU processes (gloo) ≈ one process; only process 0 writes."""
+    import os
+    import subprocess
+    import sys
+
+    from transformers import AutoModelForCausalLM
+
+    from conftest import tiny_config
+    from nsn_cli.config import ConvertConfig
+    from nsn_cli.convert import convert
+
+    config = tiny_config("gpt2")  # no dropout: the processes' masks could not match one's
+    config.resid_pdrop = config.embd_pdrop = config.attn_pdrop = 0.0
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path / "src")
+    tokenizer.save_pretrained(tmp_path / "src")
+    convert(ConvertConfig(model=str(tmp_path / "src"), out_dir=str(tmp_path / "one")))
+    shutil.copytree(tmp_path / "one", tmp_path / "two")
+    flags = ["--data", str(TINY_TEXT), "--seq-len", "32", "--steps", "4", "--batch-size", "4",
+             "--lr", "3e-3", "--eval-every", "2", "--eval-samples", "4", "--save-every", "2"]
+    single = runner.invoke(app, ["finetune", str(tmp_path / "one"), *flags])
+    assert single.exit_code == 0, single.output
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    multi = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                            "--nproc-per-node", "2", "-m", "nsn_cli", "finetune",
+                            str(tmp_path / "two"), *flags],
+                           capture_output=True, text=True, env=env, timeout=600)
+    assert multi.returncode == 0, multi.stderr[-2000:]
+    assert multi.stdout.count("Finetuned") == 1  # one summary: process 0's
+    for name in ("metrics.csv", "eval.csv"):
+        a, b = (read_csv(tmp_path / p / "finetune" / name) for p in ("one", "two"))
+        assert [(r["step"], r["rank"]) for r in a] == [(r["step"], r["rank"]) for r in b]
+        for ra, rb in zip(a, b):
+            for column in set(ra) - {"step", "rank", "tokens_per_s"}:
+                assert float(ra[column]) == pytest.approx(float(rb[column]), rel=1e-4, abs=1e-5)
+    wa, wb = (load_file(str(tmp_path / p / "model" / "model.safetensors")) for p in ("one", "two"))
+    for key in wa:
+        torch.testing.assert_close(wa[key], wb[key], atol=1e-5, rtol=1e-4)
