@@ -98,7 +98,7 @@ def print_profile(console, result) -> None:
     if below:
         floor = result.skipped[0]["reason"].split(";")[0].split(" is ", 1)[-1]
         console.print(f"Skipped budgets {', '.join(f'{b:g}' for b in below)}: {floor}.")
-    console.print(f"Wrote {result.out_dir / 'profile.csv'} and profile.json")
+    console.print(f"Wrote {result.out_dir / 'profile.csv'} and profile.json", soft_wrap=True)
 
 
 def print_frontier(console, result, project: str) -> None:
@@ -113,9 +113,10 @@ def print_frontier(console, result, project: str) -> None:
         console.print(f"Best within {result.best_budget:g} of dense FLOPs/token: "
                       f"{result.metric} {best[result.metric]:.4g} at {best[COST]:.3f} of dense, "
                       f"latency × {best['latency_ratio']:.2f}")
-        console.print(f"  export it: {export_hint(project, best)}")
+        # soft_wrap: a long path must not break the command across lines
+        console.print(f"  export it: {export_hint(project, best)}", soft_wrap=True)
     written = ["frontier.csv", "frontier.json"] + [p.name for p in result.plots]
-    console.print(f"Wrote {', '.join(written)} to {result.out_dir}")
+    console.print(f"Wrote {', '.join(written)} to {result.out_dir}", soft_wrap=True)
 
 
 def print_export(console, result) -> None:

@@ -23,6 +23,9 @@ from .project import (atomic_write_json, atomic_write_text, folder_records, read
 
 COST = "flops_fraction"
 VARIANTS = ("nsn", "baseline")  # each gets its own frontier; "dense" is the reference
+# Float rounding allowed above a budget, the same as set_budget's (a setting chosen for
+# budget b may compute to b·(1 + 1e-16)).
+ROUNDING = 1e-12
 
 
 # ---------------------------------------------------------------- pure functions
@@ -75,7 +78,7 @@ def best_within_budget(frame: pd.DataFrame, budget: float, metric: str,
     if not 0 < budget <= 1:
         raise UsageError(f"--budget must be in (0, 1], got {budget}")
     within = ranked(frame, metric, higher_is_better)
-    within = within[within[COST] <= budget * (1 + 1e-9)]
+    within = within[within[COST] <= budget * (1 + ROUNDING)]
     if within.empty:
         cheapest = frame[COST].min()
         raise BudgetError(f"no measured setting fits budget {budget:g}: the cheapest costs "
