@@ -34,8 +34,9 @@ from .errors import TrainingError
 from .finetune_setup import CHECKPOINTS, FINETUNE_DIR, Inputs, load_inputs, validate
 from .lock import project_lock
 from .objective import RankWeights, distill_loss, ranks_for_step, task_loss
-from .project import (MODEL_DIR, atomic_write_text, file_record, folder_records, record_stage,
-                      staging_dir)
+from .project import (MODEL_DIR, atomic_write_text, file_record, folder_records,
+                      mark_unfinished, record_stage, staging_dir)
+from .safety import refuse_nonfinite
 
 METRICS_FILE, EVAL_FILE = "metrics.csv", "eval.csv"
 METRIC_COLUMNS = ("step", "rank", "loss", "distill", "weight", "lr", "tokens_per_s")
@@ -218,6 +219,7 @@ class Trainer:
     # -------------------------------------------------------- checkpoints
 
     def save(self, step: int) -> Path:
+        refuse_nonfinite(self.model, f"checkpoint {step}")  # never over good checkpoints
         state = {"samples_seen": step * self.cfg.batch_size * self.cfg.grad_accum,
                  "train_rows": len(self.inputs.data.train),
                  "config": self.inputs.resolved, **self.state}
@@ -395,6 +397,8 @@ def finalize(trainer: Trainer, logs: dict, callbacks: Callbacks, start: int,
     log_eval(trainer, logs, callbacks, cfg.steps, final)
     apply_ranks(trainer.model, inputs.settings[-1])
     project = Path(cfg.project)
+    refuse_nonfinite(trainer.model, f"the fine-tuned model over {project / MODEL_DIR}")
+    mark_unfinished(project, "finetune")  # until record_stage: explains a kill in between
     with staging_dir(project / MODEL_DIR) as tmp:
         save_model(trainer.model, inputs.tokenizer, tmp)
     summary = build_summary(trainer, final, start, seconds)

@@ -49,6 +49,15 @@ def record_problem(project: Path, record: dict, full: bool) -> str | None:
     return None
 
 
+def advice(project: Path, manifest: dict) -> str:
+    """What to do about a mismatch: finish an interrupted stage, or look closer."""
+    stage = (manifest.get("unfinished") or {}).get("stage")
+    if stage:
+        return (f"`nsn {stage}` was stopped while writing its results; run it again on "
+                f"{project} to finish (it resumes)")
+    return f"run `nsn verify {project}`"
+
+
 def fast_check(project: Path, manifest: dict, under: str = "") -> None:
     """Raise ProjectError naming the first recorded file below `under` that does not match."""
     project = Path(project)
@@ -56,7 +65,7 @@ def fast_check(project: Path, manifest: dict, under: str = "") -> None:
         if rel.startswith(under):
             problem = record_problem(project, record, full=False)
             if problem:
-                raise ProjectError(f"{project / rel} {problem}; run `nsn verify {project}`")
+                raise ProjectError(f"{project / rel} {problem}; {advice(project, manifest)}")
 
 
 @dataclass
@@ -70,6 +79,7 @@ class FileCheck:
 class VerifyReport:
     project: Path
     files: list[FileCheck] = field(default_factory=list)
+    advice: str = ""
 
     @property
     def problems(self) -> list[str]:
@@ -80,7 +90,7 @@ def verify_project(project: Path) -> VerifyReport:
     """Hash every recorded file and scan safetensors files for NaN/inf."""
     project = Path(project)
     manifest = read_manifest(project)
-    report = VerifyReport(project)
+    report = VerifyReport(project, advice=advice(project, manifest))
     for rel, record in current_records(manifest).items():
         status = record_problem(project, record, full=True) or "ok"
         if status == "ok" and rel.endswith(".safetensors"):
@@ -103,4 +113,5 @@ def raise_on_problems(report: VerifyReport) -> None:
     problems = report.problems
     if problems:
         more = f" (and {len(problems) - 1} more problems)" if len(problems) > 1 else ""
-        raise ProjectError(problems[0] + more)
+        hint = f"; {report.advice}" if "was stopped" in report.advice else ""
+        raise ProjectError(problems[0] + more + hint)

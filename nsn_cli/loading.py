@@ -155,9 +155,9 @@ def load(project, device: str | torch.device = "cpu", dtype: torch.dtype | None 
     manifest = read_manifest(project)
     model_dir = project / MODEL_DIR
     weights = model_dir / WEIGHTS
+    fast_check(project, manifest, under=f"{MODEL_DIR}/")  # missing, truncated or altered
     if not weights.is_file():
         raise ProjectError(f"{weights} is missing: the project is incomplete")
-    fast_check(project, manifest, under=f"{MODEL_DIR}/")  # truncated or altered files
     config = read_model_config(model_dir)
     model = empty_model(manifest["task"], config)
     try:

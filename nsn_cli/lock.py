@@ -7,6 +7,8 @@ process is simply taken over by the next writer. The holder writes its pid, host
 command and start time into the file so a second writer can say who is in the way.
 
 Taking the lock is re-entrant within one process (`nsn run` calls stages that lock).
+Whoever takes it first repairs what a killed writer left half-moved (see
+`project.recover_interrupted_replace`): only the sole writer may do that safely.
 """
 
 from __future__ import annotations
@@ -64,9 +66,21 @@ def acquire(project: Path, command: str) -> int:
             raise ProjectError(f"cannot lock {path}: {exc.strerror}") from None
         if same_file(fd, path):
             write_holder(fd, command)
+            recover(project, fd)
             return fd
         os.close(fd)
     raise ProjectError(f"cannot lock {path}: it keeps being replaced")
+
+
+def recover(project: Path, fd: int) -> None:
+    """The sole writer now: put back what a killed writer left half-moved."""
+    from .project import recover_interrupted_replace
+
+    try:
+        recover_interrupted_replace(project)
+    except BaseException:
+        release(project, fd)
+        raise
 
 
 def open_lock_file(path: Path, create: bool = True) -> int:

@@ -28,7 +28,7 @@ WEIGHTS = "model.safetensors"
 STAGE_DIRS = ("finetune", "profile", "frontier")
 REQUIRED_KEYS = {"schema_version": int, "nsn_version": str, "source": dict, "task": str,
                  "modules": list, "stages": dict}
-OPTIONAL_KEYS = {"decomposition": dict, "created": str, "allocation": dict}
+OPTIONAL_KEYS = {"decomposition": dict, "created": str, "allocation": dict, "unfinished": dict}
 MODULE_KEYS = {"name": str, "kind": str, "d_in": int, "d_out": int, "max_rank": int,
                "bias": bool}
 MODULE_KINDS = ("linear", "conv1d")
@@ -152,6 +152,8 @@ def validate_manifest(manifest: dict, path: Path) -> dict:
         validate_module(module, f"modules[{i}]", path)
     if "allocation" in manifest:
         validate_allocation(manifest["allocation"], path)
+    if "unfinished" in manifest:
+        check_fields(manifest["unfinished"], {"stage": str}, "unfinished", path)
     for name, stage in manifest["stages"].items():
         check_fields(stage, STAGE_KEYS, f"stages[{name!r}]", path)
         for i, record in enumerate(stage["outputs"]):
@@ -229,8 +231,40 @@ def record_stage(project: Path, stage: str, config: dict, outputs: list[dict],
     # a file rewritten by a later stage wins (integrity.current_records).
     manifest["stages"].pop(stage, None)
     manifest["stages"][stage] = {"config": config, "outputs": outputs, "summary": summary}
+    manifest.pop("unfinished", None)
     write_manifest(project, manifest)
     return manifest
+
+
+def mark_unfinished(project: Path, stage: str) -> None:
+    """Note in nsn.json that `stage` starts replacing files earlier stages recorded.
+
+    `record_stage` clears the note. If the process dies in between, readers that find
+    files no longer matching their records can say why, and what to run.
+    """
+    manifest = read_manifest(project)
+    manifest["unfinished"] = {"stage": stage}
+    write_manifest(project, manifest)
+
+
+def recover_interrupted_replace(project: Path) -> None:
+    """Undo what a killed `replace_dir`/`staging_dir` left in `project` (writers only).
+
+    A `.NAME.old-PID` whose NAME is gone was moved aside just before the kill: it is
+    moved back. Other `.NAME.old-*` and `.NAME.partial-*` directories are debris.
+    """
+    for child in sorted(Path(project).iterdir()):
+        aside = re.fullmatch(r"\.(.+)\.old-\d+", child.name)
+        if aside and child.is_dir() and not child.is_symlink():
+            final = child.with_name(aside.group(1))
+            if final.exists() or final.is_symlink():
+                shutil.rmtree(child, ignore_errors=True)
+            else:
+                os.replace(child, final)
+    for child in Path(project).iterdir():
+        if re.fullmatch(r"\..+\.partial-.+", child.name) and child.is_dir() \
+                and not child.is_symlink():
+            shutil.rmtree(child, ignore_errors=True)
 
 
 def ensure_empty_target(path: Path, force: bool) -> None:
