@@ -296,3 +296,68 @@ def test_racing_writers_exactly_one_wins(project, tmp_path):
     outcomes = sorted(r.communicate(timeout=60)[0].strip() for r in racers)
     assert outcomes == ["lost", "lost", "lost", "won"]
     assert not (project / LOCK_NAME).exists()
+
+
+def test_a_half_done_directory_swap_is_undone_by_the_next_writer(project):
+    """A kill between the two renames of replace_dir leaves model/ moved aside."""
+    before = snapshot(project)
+    os.replace(project / "model", project / ".model.old-4242")
+    (project / ".model.partial-x1").mkdir()
+    (project / ".model.partial-x1" / "model.safetensors").write_bytes(b"half")
+    with pytest.raises(ProjectError, match="missing"):
+        load(project)
+    with project_lock(project, "finetune"):
+        pass
+    assert snapshot(project) == before
+    load(project)
+
+
+def test_an_unfinished_stage_explains_the_mismatch(project):
+    from nsn_cli.project import mark_unfinished
+
+    mark_unfinished(project, "finetune")
+    load(project)  # files still match: nothing to explain
+    weights = project / WEIGHTS
+    weights.write_bytes(weights.read_bytes()[:-8])
+    all_entry_points_refuse(project, str(weights), "`nsn finetune` was stopped",
+                            "run it again")
+    manifest = read_manifest(project)
+    record_stage(project, "finetune", {}, [file_record(weights, project)], {})
+    assert "unfinished" not in read_manifest(project)
+    assert "unfinished" in manifest
+
+
+FINETUNE = ["--data", "{data}", "--seq-len", "32", "--batch-size", "4", "--eval-every", "0",
+            "--eval-samples", "8", "--lr", "3e-3"]
+
+
+def finetune_args(project, *extra):
+    from conftest import TINY_TEXT
+
+    return [a.format(data=TINY_TEXT) for a in ["finetune", str(project), *FINETUNE, *extra]]
+
+
+def test_second_finetune_fails_at_once_naming_the_running_one(project):
+    first = subprocess.Popen([sys.executable, "-m", "nsn_cli", *finetune_args(
+        project, "--steps", "100000", "--save-every", "0")], stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    try:
+        deadline = time.time() + 120
+        while not (project / "finetune" / "metrics.csv").exists():  # it is training
+            assert first.poll() is None and time.time() < deadline
+            time.sleep(0.1)
+        before = snapshot(project)
+        start = time.perf_counter()
+        result = runner.invoke(app, finetune_args(project, "--steps", "2"))
+        assert time.perf_counter() - start < 10  # at once: no model or data is loaded
+        one_error_line(result, f"pid {first.pid}", "nsn finetune", "in use")
+        assert first.poll() is None  # the running one is untouched
+    finally:
+        first.kill()
+        first.wait()
+    assert {k: v for k, v in snapshot(project).items() if not k.startswith("finetune/")} == \
+        {k: v for k, v in before.items() if not k.startswith("finetune/")}
+    # The killed run's lock is stale now: a new finetune takes it over and finishes.
+    result = runner.invoke(app, finetune_args(project, "--steps", "2"))
+    assert result.exit_code == 0, result.output
+    assert not (project / LOCK_NAME).exists()

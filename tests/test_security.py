@@ -228,3 +228,34 @@ def test_non_finite_parameters_are_found_and_never_saved():
     assert nonfinite_in_model(model) == {"0.bias": 1, "1.weight": 1}
     with pytest.raises(TrainingError, match=r"refusing to save a checkpoint: 2 tensors.*1.weight"):
         refuse_nonfinite(model, "a checkpoint")
+
+
+def test_finetune_never_saves_non_finite_weights(project, monkeypatch):
+    """Weights that turn inf while the loss is still finite are caught at the save."""
+    from conftest import TINY_TEXT
+    from nsn_cli import checkpoint as ckpt
+    from nsn_cli.config import FinetuneConfig
+    from nsn_cli.finetune import finetune
+
+    model_before = {p.name: p.read_bytes() for p in (project / "model").iterdir()}
+    manifest_before = (project / "nsn.json").read_bytes()
+    real_step = torch.optim.AdamW.step
+    steps = {"n": 0}
+
+    def poisoning_step(self, *args, **kwargs):
+        out = real_step(self, *args, **kwargs)
+        steps["n"] += 1
+        if steps["n"] == 3:  # after the third update one weight is no longer finite
+            with torch.no_grad():
+                self.param_groups[0]["params"][0].view(-1)[0] = float("inf")
+        return out
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", poisoning_step)
+    cfg = FinetuneConfig(project=str(project), data=str(TINY_TEXT), seq_len=32, steps=6,
+                         batch_size=4, eval_every=0, eval_samples=8, save_every=1)
+    with pytest.raises(TrainingError, match="refusing to save checkpoint 3: 1 tensors"):
+        finetune(cfg)
+    latest = ckpt.find_latest(project / "finetune" / "checkpoints")
+    assert latest.step == 2  # the good checkpoint before the bad step is kept
+    assert {p.name: p.read_bytes() for p in (project / "model").iterdir()} == model_before
+    assert (project / "nsn.json").read_bytes() == manifest_before
