@@ -4,6 +4,7 @@
       index.json            {"latest": "step-000200", "checkpoints": [...]} (written last)
       step-000200/
         config.json         the model's HF config (the architecture to rebuild)
+        tokenizer/          the tokenizer files (a resume never needs DIR/model/)
         model.safetensors   every model tensor (tied tensors stored once)
         optimizer.safetensors  optimizer state tensors, log-variances, torch RNG state
         state.json          step, data position, log-variances, optimizer scalars and
@@ -34,6 +35,7 @@ INDEX = "index.json"
 STATE = "state.json"
 MODEL_FILE = "model.safetensors"
 OPTIMIZER_FILE = "optimizer.safetensors"
+TOKENIZER_DIR = "tokenizer"
 FORMAT = 1
 
 
@@ -84,7 +86,8 @@ def unflatten_optimizer(tensors: dict, meta: dict) -> dict:
 # ---------------------------------------------------------------- save
 
 def save_checkpoint(root: Path, step: int, model: nn.Module, optimizer: torch.optim.Optimizer,
-                    log_vars: torch.Tensor, state: dict, keep: int = 2) -> Path:
+                    log_vars: torch.Tensor, state: dict, keep: int = 2,
+                    tokenizer=None) -> Path:
     """Write checkpoint `step` under `root` atomically, point the index at it, prune."""
     from safetensors.torch import save_file, save_model
 
@@ -92,13 +95,15 @@ def save_checkpoint(root: Path, step: int, model: nn.Module, optimizer: torch.op
     final = root / checkpoint_name(step)
     with staging_dir(final) as tmp:
         model.config.to_json_file(str(tmp / "config.json"))
+        if tokenizer is not None:
+            tokenizer.save_pretrained(str(tmp / TOKENIZER_DIR))
         save_model(model, str(tmp / MODEL_FILE), metadata={"format": "pt"})
         tensors, optimizer_meta = flatten_optimizer(optimizer)
         tensors["objective.log_vars"] = log_vars.detach().cpu().contiguous()
         tensors["rng.torch"] = torch.get_rng_state()
         save_file(tensors, str(tmp / OPTIMIZER_FILE), metadata={"format": "pt"})
-        sizes = {name: (tmp / name).stat().st_size
-                 for name in ("config.json", MODEL_FILE, OPTIMIZER_FILE)}
+        sizes = {p.relative_to(tmp).as_posix(): p.stat().st_size
+                 for p in sorted(tmp.rglob("*")) if p.is_file()}
         atomic_write_json(tmp / STATE, {"format": FORMAT, **state, "step": step,
                                         "log_vars": log_vars.detach().cpu().tolist(),
                                         "optimizer": optimizer_meta, "files": sizes})

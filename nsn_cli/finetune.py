@@ -225,7 +225,8 @@ class Trainer:
                  "config": self.inputs.resolved, **self.state}
         return ckpt.save_checkpoint(self.dir / CHECKPOINTS, step, self.model,
                                     self.optimizer, self.weights.log_vars, state,
-                                    keep=self.cfg.keep_checkpoints)
+                                    keep=self.cfg.keep_checkpoints,
+                                    tokenizer=self.inputs.tokenizer)
 
     def last_checkpoint_name(self) -> str:
         found = ckpt.find_latest(self.dir / CHECKPOINTS)

@@ -142,10 +142,12 @@ def load_model(project: Path, manifest: dict, checkpoint: ckpt.Checkpoint | None
     model = empty_model(manifest["task"], ckpt.read_config(checkpoint))
     build_shells(model, [ModuleSpec(**spec) for spec in manifest["modules"]])
     load_into(model, project, manifest)
+    saved = checkpoint.path / ckpt.TOKENIZER_DIR
+    where = saved if saved.is_dir() else project / MODEL_DIR
     try:
-        tokenizer = AutoTokenizer.from_pretrained(str(project / MODEL_DIR))
+        tokenizer = AutoTokenizer.from_pretrained(str(where))
     except (OSError, ValueError) as exc:
-        raise ModelError(f"cannot load the tokenizer in {project / MODEL_DIR}: {exc}") from None
+        raise ModelError(f"cannot load the tokenizer in {where}: {exc}") from None
     return model, tokenizer
 
 

@@ -91,7 +91,7 @@ def test_outputs_manifest_and_reload(lm_project):
     assert sorted(p.name for p in (folder / "checkpoints").iterdir()) == ["index.json",
                                                                          "step-000004"]
     assert sorted(p.name for p in (folder / "checkpoints" / "step-000004").iterdir()) == [
-        "config.json", "model.safetensors", "optimizer.safetensors", "state.json"]
+        "config.json", "model.safetensors", "optimizer.safetensors", "state.json", "tokenizer"]
     metrics = read_csv(folder / "metrics.csv")
     assert list(metrics[0]) == list(ft.METRIC_COLUMNS)
     assert [(int(r["step"]), float(r["rank"])) for r in metrics][:2] == [(1, 1.0), (1, 0.125)]
@@ -172,6 +172,18 @@ def test_resume_repeats_the_uninterrupted_run(converted, tmp_path, monkeypatch):
     wa, wb = (load_file(str(p / "model" / "model.safetensors")) for p in (straight, resumed))
     for key in wa:
         torch.testing.assert_close(wa[key], wb[key], atol=1e-6, rtol=0)
+
+
+def test_resume_survives_a_kill_while_model_is_being_replaced(lm_project):
+    """Killed between the two renames of replace_dir: DIR/model/ is briefly absent."""
+    run(lm_project, steps=4, save_every=2)
+    final = load_file(str(lm_project / "model" / "model.safetensors"))
+    (lm_project / "model").rename(lm_project / ".model.old-12345")
+    result = run(lm_project, steps=4, save_every=2, resume=True)
+    assert result.resumed_from == 4
+    again = load_file(str(lm_project / "model" / "model.safetensors"))
+    assert all(torch.equal(final[k], again[k]) for k in final)
+    assert (lm_project / "model" / "tokenizer.json").is_file()
 
 
 def test_resume_with_other_settings_is_refused(lm_project):
