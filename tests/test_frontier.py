@@ -32,7 +32,7 @@ def frame_of(pairs, metric="accuracy"):
                          metric: [m for _, m in pairs]})
 
 
-@settings(max_examples=200, deadline=None)
+@settings(max_examples=100, deadline=None)
 @given(points, st.booleans())
 def test_pareto_front_is_exactly_the_undominated_points(pairs, higher):
     metric = "accuracy" if higher else "perplexity"
@@ -49,7 +49,7 @@ def test_pareto_front_is_exactly_the_undominated_points(pairs, higher):
     assert front["flops_fraction"].is_monotonic_increasing
 
 
-@settings(max_examples=200, deadline=None)
+@settings(max_examples=100, deadline=None)
 @given(points, st.floats(0.01, 1.0), st.booleans())
 def test_best_within_budget_is_affordable_and_best(pairs, budget, higher):
     metric = "accuracy" if higher else "perplexity"
