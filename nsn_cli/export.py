@@ -25,7 +25,7 @@ from .budget import DEFAULT_SEQ_LEN, cost_table, set_budget, set_rank
 from .config import ExportConfig, to_dict
 from .errors import UsageError
 from .nested import NestedLinear
-from .project import (MODEL_DIR, WEIGHTS, atomic_write_json, ensure_empty_target,
+from .project import (MODEL_DIR, atomic_write_json, ensure_empty_target,
                       folder_records, read_manifest, staging_dir, write_manifest)
 from .surgery import conv1d_class, nested_layers, replace_module
 
