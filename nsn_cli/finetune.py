@@ -15,7 +15,6 @@ leaves the directory untouched.
 from __future__ import annotations
 
 import contextlib
-import csv
 import math
 import shutil
 import time
@@ -31,6 +30,8 @@ from .config import FinetuneConfig
 from .data import pad_batch
 from .distributed import Dist, setup, sync_context, wrap
 from .errors import TrainingError
+from .finetune_logs import (EVAL_FILE, METRIC_COLUMNS, METRICS_FILE, CsvLog, eval_rows,
+                            metric_rows)
 from .finetune_setup import CHECKPOINTS, FINETUNE_DIR, Inputs, load_inputs, validate
 from .lock import project_lock
 from .objective import RankWeights, distill_loss, ranks_for_step, task_loss
@@ -38,8 +39,6 @@ from .project import (MODEL_DIR, atomic_write_text, file_record, folder_records,
                       mark_unfinished, record_stage, staging_dir)
 from .safety import refuse_nonfinite
 
-METRICS_FILE, EVAL_FILE = "metrics.csv", "eval.csv"
-METRIC_COLUMNS = ("step", "rank", "loss", "distill", "weight", "lr", "tokens_per_s")
 MIN_LR_RATIO = 0.1  # cosine decays to a tenth of the peak
 
 
@@ -249,50 +248,6 @@ def build_optimizer(model, weights: RankWeights, cfg: FinetuneConfig) -> torch.o
         groups.append({"params": [weights.log_vars], "lr": cfg.scale_lr, "weight_decay": 0.0,
                        "name": "log_vars"})
     return torch.optim.AdamW(groups, lr=cfg.lr)
-
-
-# ---------------------------------------------------------------- logs
-
-class CsvLog:
-    """An append-only CSV log; on resume it is cut back to what the checkpoint saw."""
-
-    def __init__(self, path: Path, columns: tuple[str, ...]):
-        self.path, self.columns = path, columns
-
-    def start(self, keep_below: int | None) -> None:
-        """A new file (keep_below None), or keep only rows with step < keep_below.
-
-        Rows of a killed run's steps after its checkpoint (and a half-written last line)
-        go, so the resumed run's rows follow on exactly.
-        """
-        rows = []
-        if keep_below is not None and self.path.is_file():
-            with open(self.path, newline="", encoding="utf-8") as handle:
-                for row in csv.DictReader(handle):
-                    if None not in row.values() and row["step"].isdigit() \
-                            and int(row["step"]) < keep_below:
-                        rows.append(row)
-        text = [",".join(self.columns)] + [",".join(r[c] for c in self.columns) for r in rows]
-        atomic_write_text(self.path, "\n".join(text) + "\n")
-
-    def append(self, rows: list[dict]) -> None:
-        with open(self.path, "a", newline="", encoding="utf-8") as handle:
-            writer = csv.DictWriter(handle, fieldnames=self.columns, lineterminator="\n")
-            writer.writerows({c: fmt(row.get(c, "")) for c in self.columns} for row in rows)
-
-
-def fmt(value) -> str:
-    return f"{value:.9g}" if isinstance(value, float) else str(value)
-
-
-def metric_rows(report: StepReport) -> list[dict]:
-    return [{"step": report.step, "rank": rank, "loss": loss, "distill": report.distill[rank],
-             "weight": report.weights[rank], "lr": report.lr,
-             "tokens_per_s": report.tokens_per_s} for rank, loss in report.losses.items()]
-
-
-def eval_rows(step: int, results: dict[float, dict]) -> list[dict]:
-    return [{"step": step, "rank": rank, **metrics} for rank, metrics in results.items()]
 
 
 # ---------------------------------------------------------------- the stage
