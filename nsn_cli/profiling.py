@@ -43,6 +43,8 @@ SETTING_COLUMNS = ["variant", "budget", "rank_fraction", "mean_rank_fraction", "
 COST_COLUMNS = ["latency_ms", "latency_ms_min", "latency_ms_max", "latency_ratio",
                 "weights_mb", "activations_mb", "peak_memory_mb"]
 MB = 1e6
+# Columns that are empty for some rows (the dense one has no budget and no ranks).
+COLUMN_TYPES = {"budget": float, "rank_fraction": float, "min_rank": "Int64", "max_rank": "Int64"}
 
 
 def columns_for(task: str) -> list[str]:
@@ -277,7 +279,7 @@ def profile_locked(cfg: ProfileConfig, seed: int, project: Path, manifest: dict,
         rows += measure_baseline(load(baseline, device=device, dtype=dtype)[0], cfg, bench,
                                  skipped, on_point)
     frame = pd.DataFrame([{k: r.get(k) for k in columns_for(task)} for r in rows],
-                         columns=columns_for(task)).astype({"budget": float, "rank_fraction": float})
+                         columns=columns_for(task)).astype(COLUMN_TYPES)
     run = run_record(cfg, device, bench, len(frame), skipped)
     out = write_outputs(project, cfg, frame, rows, run, skipped, ladder)
     return ProfileResult(frame, run, skipped, out)

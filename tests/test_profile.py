@@ -224,6 +224,10 @@ def test_rank_fraction_grid(bert_profile):
     assert list(nsn["rank_fraction"]) == [0.25, 0.5, 1.0]
     assert nsn["budget"].isna().all()
     assert list(nsn["mean_rank_fraction"]) == [0.25, 0.5, 1.0]  # R = 32 in every layer
+    assert list(nsn["min_rank"]) == list(nsn["max_rank"]) == [8, 16, 32]
+    # Padded classification batches: the counter still agrees with the analytic count.
+    assert list(result.frame["flops_counted_fraction"]) == pytest.approx(
+        list(result.frame["flops_fraction"]), rel=0.02)
     assert nsn["flops_fraction"].is_monotonic_increasing
     assert {"accuracy", "macro_f1"} <= set(result.frame.columns)
     assert "perplexity" not in result.frame.columns
