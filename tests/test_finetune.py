@@ -300,6 +300,25 @@ def test_lr_schedule_warms_up_then_decays_to_a_tenth():
     assert factors[-1] == pytest.approx(0.1, abs=1e-3)
 
 
+def test_global_allocation_ladder_and_resume(tiny_models, tmp_path):
+    """A project with a global per-layer ordering trains its ladder points in that space."""
+    from nsn_cli.allocation import ranks_at
+    from nsn_cli.config import ConvertConfig
+    from nsn_cli.convert import convert
+
+    project = tmp_path / "global"
+    convert(ConvertConfig(model=str(tiny_models["llama"]), out_dir=str(project),
+                          allocation="global"))
+    cfg = FinetuneConfig(project=str(project), data=str(TINY_TEXT), **FAST)
+    inputs = ft.load_inputs(cfg, [0.25, 1.0], ft.setup("cpu"))
+    model, _ = load(project)
+    assert inputs.settings == [ranks_at(model, 0.25), ranks_at(model, 1.0)]
+    assert len(set(inputs.settings[0].values())) > 1  # not one uniform rank
+    run(project, steps=4, save_every=2, ladder="0.25,1")
+    result = run(project, steps=4, save_every=2, ladder="0.25,1", resume=True)
+    assert result.resumed_from == 4
+
+
 # ---------------------------------------------------------------- classification
 
 def write_labels(path, relabel):
