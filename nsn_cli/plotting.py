@@ -38,8 +38,9 @@ def plot_frontier(profile, front, metric: str, higher_is_better: bool, info: dic
                   manifest: dict | None = None) -> Figure:
     """Top: metric vs FLOPs fraction; bottom: measured latency ratio vs FLOPs fraction.
 
-    Lines carry gids ('nsn-frontier', 'baseline-frontier', 'nsn-measured', 'dense',
-    'nsn-latency', 'ladder') so the drawn data can be checked against the CSVs.
+    Lines carry gids ('nsn-measured', 'nsn-frontier', 'baseline-measured',
+    'baseline-frontier', 'dense', 'nsn-latency', 'dense-latency', 'ladder') so the
+    drawn data can be checked against the CSVs.
     """
     info, manifest = info or {}, manifest or {}
     run = info.get("run", {})
@@ -74,15 +75,19 @@ def plot_frontier(profile, front, metric: str, higher_is_better: bool, info: dic
 
 
 def draw_metric(axis, profile, front, metric: str) -> None:
-    nsn = profile[profile["variant"] == "nsn"].sort_values("flops_fraction")
-    axis.plot(nsn["flops_fraction"], nsn[metric], "o", color=COLORS["nsn"], alpha=0.3,
-              markersize=4, gid="nsn-measured", label="nsn, every measured setting")
-    for variant, style, label in (("nsn", "-o", "nsn (Pareto frontier)"),
-                                  ("baseline", "--s", "truncated SVD, untrained (baseline)")):
+    """Each variant: every measured point (thin), its Pareto frontier (bold) on top."""
+    styles = {"nsn": ("-", "o", "nsn"), "baseline": ("--", "s", "truncated SVD, untrained")}
+    for variant, (line, marker, name) in styles.items():
+        measured = profile[profile["variant"] == variant].sort_values("flops_fraction")
+        if measured.empty:
+            continue
+        axis.plot(measured["flops_fraction"], measured[metric], line, marker=marker,
+                  color=COLORS[variant], alpha=0.35, markersize=4, linewidth=1,
+                  gid=f"{variant}-measured", label=f"{name}, every measured setting")
         part = front[front["variant"] == variant]
-        if not part.empty:
-            axis.plot(part["flops_fraction"], part[metric], style, color=COLORS[variant],
-                      gid=f"{variant}-frontier", label=label)
+        axis.plot(part["flops_fraction"], part[metric], line, marker=marker,
+                  color=COLORS[variant], linewidth=2, gid=f"{variant}-frontier",
+                  label=f"{name}, Pareto frontier")
     dense = profile[profile["variant"] == "dense"]
     if not dense.empty:
         axis.plot(dense["flops_fraction"], dense[metric], "*", color=COLORS["dense"],

@@ -137,6 +137,10 @@ def test_the_plotted_points_are_the_csv_points(project):
         x, y = lines[f"{variant}-frontier"].get_data()
         assert list(x) == pytest.approx(list(part["flops_fraction"]))
         assert list(y) == pytest.approx(list(part["perplexity"]))
+        every = prof[prof["variant"] == variant].sort_values("flops_fraction")
+        x, y = lines[f"{variant}-measured"].get_data()
+        assert list(x) == pytest.approx(list(every["flops_fraction"]))
+        assert list(y) == pytest.approx(list(every["perplexity"]))
     dense = prof[prof["variant"] == "dense"].iloc[0]
     assert list(lines["dense"].get_xydata()[0]) == pytest.approx([1.0, dense["perplexity"]])
     nsn = prof[prof["variant"] == "nsn"].sort_values("flops_fraction")
