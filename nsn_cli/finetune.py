@@ -134,13 +134,13 @@ class Trainer:
                 sums[size + index] += kl / cfg.grad_accum
         self.dist.mean_(sums[:-1])
         self.dist.sum_(sums[-1:])
+        fractions = self.inputs.ladder
+        used = {fractions[k]: self.weights.weight(k, len(picked)) for k in picked}
         self.finish_step(step, sums, picked)
         seconds = time.perf_counter() - start
-        fractions = self.inputs.ladder
         return StepReport(step + 1, {fractions[k]: float(sums[k]) for k in picked},
                           {fractions[k]: float(sums[size + k]) for k in picked},
-                          {fractions[k]: self.weights.weight(k, len(picked)) for k in picked},
-                          lr, int(sums[-1]), float(sums[-1]) / seconds)
+                          used, lr, int(sums[-1]), float(sums[-1]) / seconds)
 
     def rank_pass(self, index: int, batch: dict, teacher, active: int, sync: bool):
         """Forward and backward at one ladder rank; returns (loss, distill, logits)."""
@@ -155,21 +155,25 @@ class Trainer:
         return float(loss.detach()), float(kl.detach()), logits
 
     def finish_step(self, step: int, sums: torch.Tensor, picked: list[int]) -> None:
-        """Stop on a non-finite loss (before any update), then clip and step."""
+        """Stop on a non-finite loss or gradient (before any update), then clip and step."""
         size = len(self.inputs.ladder)
         for index in picked:
             value = float(sums[index]) + float(sums[size + index])
             if not math.isfinite(value):
-                raise TrainingError(
-                    f"the loss at rank fraction {self.inputs.ladder[index]:g} became {value} at "
-                    f"step {step + 1}; training stopped and no weights were updated "
-                    f"(last good checkpoint: {self.last_checkpoint_name()}); try a lower --lr")
+                self.stop(f"the loss at rank fraction {self.inputs.ladder[index]:g} became "
+                          f"{value} at step {step + 1}")
         if self.weights.log_vars.grad is not None:
             self.dist.mean_(self.weights.log_vars.grad)
-        if self.cfg.clip > 0:
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.clip)
+        norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(),
+                                              self.cfg.clip if self.cfg.clip > 0 else math.inf)
+        if not math.isfinite(float(norm)):
+            self.stop(f"the gradient norm became {float(norm)} at step {step + 1}")
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
+
+    def stop(self, what: str) -> None:
+        raise TrainingError(f"{what}; training stopped and no weights were updated (last good "
+                            f"checkpoint: {self.last_checkpoint_name()}); try a lower --lr")
 
     def micro_batch(self, step: int, micro: int) -> dict:
         """This process's shard of global micro-batch (step, micro)."""
