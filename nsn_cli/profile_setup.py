@@ -111,6 +111,28 @@ def timing_batch(dataset, batch_size: int, seq_len: int, pad_id: int, device) ->
 
 # ---------------------------------------------------------------- the baseline
 
+def resvd(model):
+    """Plain truncated SVD of the project's own full-rank weights, in place.
+
+    The baseline for classifiers: convert gave them a fresh, untrained head, so the
+    source model's SVD would sit at chance. What a user would try first is to
+    finetune dense and truncate the SVD afterwards; at full rank the project *is* a
+    finetuned dense model, so re-decomposing it measures exactly that, and the gap to
+    the nsn rows is what multi-rank training bought.
+    """
+    import torch
+
+    from .decompose import svd_factors
+    from .surgery import nested_layers
+
+    for layer in nested_layers(model).values():
+        A, B = svd_factors(layer.dense_weight(layer.max_rank), layer.max_rank, "exact")
+        with torch.no_grad():
+            layer.A.copy_(A.to(layer.A.dtype))
+            layer.B.copy_(B.to(layer.B.dtype))
+    return model
+
+
 def reconvert(manifest: dict, scratch: Path) -> Path:
     """Re-run `nsn convert` with the project's recorded settings into `scratch`.
 

@@ -4,8 +4,9 @@ For each setting (a FLOPs budget or a rank fraction) on the held-out split: the 
 metric (evaluate.py), FLOPs per token (analytic, and counted by FlopCounterMode on one
 batch), active parameters, latency per batch, and memory. The dense original model
 (every nested layer merged back into one plain layer at full rank) is measured in the
-same run as the 1.0 reference; `--baseline` adds untrained truncated SVD (the model
-exactly as `nsn convert` made it) at the same settings.
+same run as the 1.0 reference; `--baseline` adds plain truncated SVD at the same
+settings (of the source model for causal LMs; of the project's own full-rank weights for
+classifiers, whose head convert created untrained: see profile_setup.resvd).
 
 The columns of profile.csv are documented in the README ("profile.csv columns").
 """
@@ -30,7 +31,7 @@ from .evaluate import METRICS, EvalResult, batches, evaluate, label_mapping
 from .export import merge_layers
 from .measure import (activation_peak_bytes, active_weights, counted_flops_per_token,
                       round_robin_times)
-from .profile_setup import (DTYPES, data_spec, reconvert, resolve_data, resolve_device,
+from .profile_setup import (DTYPES, data_spec, reconvert, resolve_data, resvd, resolve_device,
                             resolve_seq_len, timing_batch, validate)
 from .project import (atomic_write_json, atomic_write_text, folder_records, read_manifest,
                       record_stage, staging_dir)
@@ -245,7 +246,10 @@ def profile(cfg: ProfileConfig, on_start: Callable[[int], None] = lambda total: 
     cfg, seed = resolve_data(cfg, manifest)
     with project_lock(project, "nsn profile"), \
             tempfile.TemporaryDirectory(prefix="nsn-profile-") as scratch:
-        baseline = reconvert(manifest, Path(scratch)) if cfg.baseline else None
+        baseline = None
+        if cfg.baseline:  # classifiers: re-SVD of the project itself (see profile_setup.resvd)
+            baseline = project if manifest["task"] == "seq-cls" else \
+                reconvert(manifest, Path(scratch))
         return profile_locked(cfg, seed, project, manifest, baseline, on_start, on_point)
 
 
@@ -276,11 +280,16 @@ def profile_locked(cfg: ProfileConfig, seed: int, project: Path, manifest: dict,
     ladder = ladder_points(model, manifest, cfg.seq_len)
     del model, dense, entries  # one model in memory at a time
     if baseline:
-        rows += measure_baseline(load(baseline, device=device, dtype=dtype)[0], cfg, bench,
-                                 skipped, on_point)
+        base_model = load(baseline, device=device, dtype=dtype)[0]
+        if baseline == project:
+            resvd(base_model)
+        rows += measure_baseline(base_model, cfg, bench, skipped, on_point)
     frame = pd.DataFrame([{k: r.get(k) for k in columns_for(task)} for r in rows],
                          columns=columns_for(task)).astype(COLUMN_TYPES)
     run = run_record(cfg, device, bench, len(frame), skipped)
+    run["baseline"] = None if not baseline else (
+        "plain truncated SVD of the project's full-rank weights" if baseline == project
+        else "untrained truncated SVD of the source model")
     out = write_outputs(project, cfg, frame, rows, run, skipped, ladder)
     return ProfileResult(frame, run, skipped, out)
 

@@ -262,3 +262,29 @@ def test_profile_cli(converted, tmp_path):
     assert (project / "profile" / "profile.csv").is_file()
     bad = CliRunner().invoke(app, args[:-1] + ["0.5,x"])
     assert bad.exit_code == 2 and "comma-separated" in bad.output
+
+
+def test_classifier_baseline_is_truncated_svd_of_the_project(converted, tmp_path):
+    from nsn_cli.profile_setup import resvd
+
+    project = copy_project(converted, "bert", tmp_path)
+    model, tokenizer = load(project)
+    torch.manual_seed(1)
+    with torch.no_grad():  # like training: the factors drift away from SVD order
+        for layer in nested_layers(model).values():
+            layer.A.add_(0.5 * layer.A.std() * torch.randn_like(layer.A))
+    save_model(model, tokenizer, project / "model")
+    record_stage(project, "finetune", {"data": str(DATA / "tiny_labels.jsonl"), "seq_len": 32,
+                                       "seed": 0}, folder_records(project / "model", project), {})
+    result = run(project, rank_fractions=[0.5, 1.0], baseline=True)
+    frame = result.frame.set_index(["variant", "rank_fraction"])
+    assert frame.loc[("baseline", 1.0), "accuracy"] == frame.loc[("nsn", 1.0), "accuracy"]
+    assert "full-rank weights" in result.run["baseline"]
+    # Eckart–Young: the re-decomposed prefix is the best rank-r fit of each layer.
+    base = resvd(load(project)[0])
+    for name, layer in nested_layers(model).items():
+        full = layer.dense_weight(layer.max_rank)
+        r = layer.max_rank // 2
+        ours = (layer.dense_weight(r) - full).norm()
+        theirs = (nested_layers(base)[name].dense_weight(r) - full).norm()
+        assert theirs <= ours + 1e-5
