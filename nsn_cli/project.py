@@ -3,6 +3,13 @@
 Every stage reads what earlier stages wrote and writes only its own part. All writes
 go to a temporary name first and are moved into place with `os.replace`, so a crash
 never leaves a half-written file under a final name.
+
+Records of files: each stage lists the files it wrote (path, sha256, size) in its
+`outputs`. A stage that rewrites a file an earlier stage recorded (finetune replaces
+model/) records it again in its own `outputs`; `stages` is kept in completion order and
+the newest record of a path is the one that counts (`integrity.current_records`), so
+`nsn verify` checks every file against its latest record. From its first rewrite until
+`record_stage`, the stage is named in `unfinished`.
 """
 
 from __future__ import annotations
