@@ -35,7 +35,9 @@ WEIGHTS = "model.safetensors"
 STAGE_DIRS = ("finetune", "profile", "frontier")
 REQUIRED_KEYS = {"schema_version": int, "nsn_version": str, "source": dict, "task": str,
                  "modules": list, "stages": dict}
-OPTIONAL_KEYS = {"decomposition": dict, "created": str, "allocation": dict, "unfinished": dict}
+OPTIONAL_KEYS = {"decomposition": dict, "created": str, "allocation": dict, "unfinished": dict,
+                 "recipe": dict}
+RECIPE_KEYS = {"path": str, "sha256": str, "name": str, "stages": dict, "started": dict}
 MODULE_KEYS = {"name": str, "kind": str, "d_in": int, "d_out": int, "max_rank": int,
                "bias": bool}
 MODULE_KINDS = ("linear", "conv1d")
@@ -161,6 +163,8 @@ def validate_manifest(manifest: dict, path: Path) -> dict:
         validate_allocation(manifest["allocation"], path)
     if "unfinished" in manifest:
         check_fields(manifest["unfinished"], {"stage": str}, "unfinished", path)
+    if "recipe" in manifest:
+        check_fields(manifest["recipe"], RECIPE_KEYS, "recipe", path, required=False)
     for name, stage in manifest["stages"].items():
         check_fields(stage, STAGE_KEYS, f"stages[{name!r}]", path)
         for i, record in enumerate(stage["outputs"]):

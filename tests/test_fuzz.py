@@ -87,8 +87,18 @@ def mutate(manifest, data):
 
 @pytest.fixture(scope="module")
 def fuzz_project(converted, tmp_path_factory):
+    """A converted project whose manifest also holds what later stages and `nsn run` add."""
+    from nsn_cli.project import read_manifest, write_manifest
+
     dest = tmp_path_factory.mktemp("fuzz") / "p"
     shutil.copytree(converted["gpt2"], dest)
+    manifest = read_manifest(dest)
+    convert = manifest["stages"]["convert"]
+    manifest["stages"]["finetune"] = {"config": {"steps": 2}, "outputs": convert["outputs"][:2],
+                                      "summary": {"steps": 2, "ranks": [{"fraction": 1.0}]}}
+    manifest["recipe"] = {"path": "/r/tiny.toml", "sha256": "0" * 64, "name": "tiny",
+                          "stages": {"convert": "ab"}, "started": {"finetune": "cd"}}
+    write_manifest(dest, manifest)
     return dest
 
 
