@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from .errors import BudgetError, UsageError
-from .nested import NestedLinear
+from .nested import NestedLinear, transient
 from .surgery import dense_weight, linear_like, nested_layers
 
 DEFAULT_SEQ_LEN = 128
@@ -108,7 +108,7 @@ def probe_rows(model: nn.Module) -> dict[str, int]:
     was_training = model.training
     try:
         model.eval()
-        with torch.no_grad():
+        with torch.no_grad(), transient():  # no merged copies made for 8 tokens
             model(input_ids=ids, attention_mask=torch.ones_like(ids))
     finally:
         model.train(was_training)

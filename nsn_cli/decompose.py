@@ -7,6 +7,9 @@ prefix r is the best rank-r approximation of W (Eckart–Young).
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import functools
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from typing import Iterable, Iterator
@@ -65,13 +68,37 @@ def svd_factors_many(jobs: Iterable[tuple[torch.Tensor, int]], method: str = "au
         with ThreadPoolExecutor(workers, thread_name_prefix="nsn-svd") as pool:
             pending: deque = deque()
             for weight, rank in jobs:
-                pending.append(pool.submit(svd_factors, weight, rank, method))
+                pending.append(pool.submit(_svd_then_trim, weight, rank, method))
                 if len(pending) >= 2 * workers:
                     yield pending.popleft().result()
             while pending:
                 yield pending.popleft().result()
     finally:
         torch.set_num_threads(previous)
+
+
+def _svd_then_trim(weight: torch.Tensor, rank: int, method: str):
+    factors = svd_factors(weight, rank, method)
+    _trim_heap()
+    return factors
+
+
+@functools.lru_cache(maxsize=1)
+def _malloc_trim():
+    """glibc's malloc_trim, or None on other C libraries."""
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
+    except (OSError, AttributeError):
+        return None
+
+
+def _trim_heap() -> None:
+    """Return memory freed on this thread to the OS. glibc gives each worker thread
+    its own heap and keeps what LAPACK's workspaces freed there: without this,
+    converting GPT-2 small on two workers peaks about 200 MB higher."""
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
 
 
 def use_randomized(method: str, max_rank: int, full: int) -> bool:

@@ -15,7 +15,7 @@ from typing import Callable, Iterable
 import torch
 from torch import nn
 
-from .decompose import svd_factors
+from .decompose import svd_factors_many
 from .errors import UsageError
 from .nested import NestedLinear
 
@@ -142,13 +142,15 @@ def nest_model(model: nn.Module, specs: list[ModuleSpec], method: str = "auto",
     `factor_fn(name, W, R) -> (A, B)` overrides plain SVD (activation-aware SVD uses it).
     """
     layers = candidate_layers(model)
+    if factor_fn is None:  # plain SVDs are independent: computed ahead on worker threads
+        factors = svd_factors_many(((dense_weight(layers[s.name]), s.max_rank) for s in specs),
+                                   method)
     for spec in specs:
-        old = layers[spec.name]
-        W = dense_weight(old)
         if factor_fn is None:
-            A, B = svd_factors(W, spec.max_rank, method)
+            A, B = next(factors)  # this layer's weight has been taken from `layers` by now
         else:
-            A, B = factor_fn(spec.name, W, spec.max_rank)
+            A, B = factor_fn(spec.name, dense_weight(layers[spec.name]), spec.max_rank)
+        old = layers.pop(spec.name)  # no reference kept: each dense weight is freed in turn
         new = NestedLinear.from_factors(A, B, old.bias, dtype=old.weight.dtype)
         new.train(old.training)
         replace_module(model, spec.name, new)

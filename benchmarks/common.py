@@ -1,0 +1,174 @@
+"""Shared helpers for the benchmark scripts: real-size models, timing, ratios, tables.
+
+Timings on a shared 2-core machine are noisy, so every comparison is measured side by
+side: the candidates run interleaved, in a rotating order, inside the same rounds, and
+each ratio is the median over rounds of (candidate time / reference time in the same
+round). Drift in machine load then hits both sides of a ratio alike.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+# Run from a checkout without installing: `python benchmarks/inference.py`.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import torch  # noqa: E402
+
+FAMILIES = ("gpt2", "bert", "llama")
+
+
+# ---------------------------------------------------------------- models
+
+def real_config(family: str):
+    """Published shapes: GPT-2 small (124M), BERT-base, and a Llama shape of ~100M."""
+    from transformers import BertConfig, GPT2Config, LlamaConfig
+
+    if family == "gpt2":
+        return GPT2Config()  # 12 × 768, vocab 50257, tied LM head
+    if family == "bert":
+        return BertConfig(num_labels=2)  # 12 × 768, intermediate 3072
+    if family == "llama":
+        return LlamaConfig(hidden_size=768, intermediate_size=2048, num_hidden_layers=12,
+                           num_attention_heads=12, num_key_value_heads=4, vocab_size=32000,
+                           max_position_embeddings=1024, tie_word_embeddings=True)
+    raise ValueError(f"unknown family {family!r}; choose from {', '.join(FAMILIES)}")
+
+
+def build_model(family: str, seed: int = 0):
+    """A randomly initialised model of the real shape, in eval mode, float32."""
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    torch.manual_seed(seed)
+    config = real_config(family)
+    cls = AutoModelForSequenceClassification if family == "bert" else AutoModelForCausalLM
+    return cls.from_config(config, dtype=torch.float32).eval()
+
+
+def is_decoder(family: str) -> bool:
+    return family != "bert"
+
+
+def param_bytes(model) -> int:
+    return sum(p.numel() * p.element_size() for p in model.parameters())
+
+
+# ---------------------------------------------------------------- timing
+
+# The clock every timing uses: wall time by default; `--clock cpu` (with --threads 1)
+# counts only this process's CPU time, which other jobs on a busy machine barely move.
+CLOCK = {"now": time.perf_counter}
+
+
+def now() -> float:
+    return CLOCK["now"]()
+
+
+def synchronize(device: str) -> None:
+    if str(device).startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def time_call(fn: Callable[[], object], device: str = "cpu") -> float:
+    """Seconds one call takes; a call that returns a float has timed itself (decode)."""
+    synchronize(device)
+    start = now()
+    result = fn()
+    synchronize(device)
+    elapsed = now() - start
+    return result if isinstance(result, float) else elapsed
+
+
+@dataclass
+class Spread:
+    median: float
+    min: float
+    max: float
+
+    @classmethod
+    def of(cls, values: list[float]) -> "Spread":
+        return cls(statistics.median(values), min(values), max(values))
+
+
+def interleaved(candidates: dict[str, Callable[[], object]], repeats: int, warmup: int = 1,
+                device: str = "cpu") -> dict[str, list[float]]:
+    """Seconds per call of every candidate, run in rotating order round after round.
+
+    `warmup` untimed rounds come first (merged-weight caches, allocator, thread pools).
+    """
+    names = list(candidates)
+    for _ in range(warmup):
+        for name in names:
+            candidates[name]()
+    times: dict[str, list[float]] = {name: [] for name in names}
+    for round_ in range(repeats):
+        shift = round_ % len(names)
+        for name in names[shift:] + names[:shift]:
+            times[name].append(time_call(candidates[name], device))
+    return times
+
+
+def paired_ratios(times: dict[str, list[float]], reference: str) -> dict[str, Spread]:
+    """Per-round ratio of each candidate to the reference timed in the same round."""
+    ref = times[reference]
+    return {name: Spread.of([t / r for t, r in zip(values, ref)])
+            for name, values in times.items()}
+
+
+def seconds(times: dict[str, list[float]]) -> dict[str, Spread]:
+    return {name: Spread.of(values) for name, values in times.items()}
+
+
+# ---------------------------------------------------------------- command line
+
+def base_parser(description: str) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--device", default="cpu", help="cpu (default) or cuda")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--repeats", type=int, default=None, help="timed rounds per point")
+    parser.add_argument("--clock", choices=("wall", "cpu"), default="wall",
+                        help="wall time (default) or this process's CPU time, steadier on "
+                             "a busy machine with --threads 1")
+    parser.add_argument("--quick", action="store_true",
+                        help="fewer rounds and points: a smoke run of a minute or so")
+    return parser
+
+
+def setup(args) -> None:
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: no CUDA device is available here")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.clock == "cpu":
+        if args.device != "cpu":
+            raise SystemExit("--clock cpu measures CPU work; use wall time on a GPU")
+        CLOCK["now"] = time.process_time
+
+
+def machine_line(device: str) -> str:
+    where = torch.cuda.get_device_name() if device.startswith("cuda") else (
+        f"CPU, {torch.get_num_threads()} threads")
+    clock = "process CPU time" if CLOCK["now"] is time.process_time else "wall time"
+    return f"torch {torch.__version__}, {where}, {clock}"
+
+
+def print_table(headers: list[str], rows: list[list[str]]) -> None:
+    """A plain fixed-width table (pasted verbatim into the README)."""
+    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(headers)]
+    line = "  ".join(h.rjust(w) for h, w in zip(headers, widths))
+    print(line)
+    print("  ".join("-" * w for w in widths))
+    for row in rows:
+        print("  ".join(c.rjust(w) for c, w in zip(row, widths)))
