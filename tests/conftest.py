@@ -14,7 +14,10 @@ import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-torch.set_num_threads(min(2, torch.get_num_threads()))
+# Tiny models gain nothing from threads, and on a busy 2-core machine OpenMP threads
+# spin-waiting on each other made one test 50x slower: one thread, here and in children.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+torch.set_num_threads(1)
 
 DATA = Path(__file__).parent / "data"
 TINY_TEXT = DATA / "tiny.txt"
