@@ -201,7 +201,7 @@ def set_budget(model: nn.Module, budget: float, seq_len: int = DEFAULT_SEQ_LEN) 
     costs = _LazyCosts(table, settings, seq_len)
     best = bisect.bisect_right(costs, limit) - 1
     if best < 0:
-        raise BudgetError(floor_message(table, costs[0] / dense, budget, seq_len))
+        raise BudgetError(floor_message(model, table, costs[0] / dense, budget, seq_len))
     ranks = settings.ranks(best)
     apply_ranks(model, ranks)
     flops = costs[best]
@@ -221,15 +221,39 @@ class _LazyCosts:
         return self.table.flops(self.settings.ranks(index), self.seq_len)
 
 
-def floor_message(table: CostTable, floor: float, budget: float, seq_len: int) -> str:
+def floor_message(model: nn.Module, table: CostTable, floor: float, budget: float,
+                  seq_len: int) -> str:
+    """One line: the floor, what it is made of, and what would lower it."""
     dense = table.dense_flops(seq_len)
     fixed = {n: 2 * d_in * d_out / (seq_len if per_seq else 1)
              for n, (d_in, d_out, per_seq) in table.dense.items()}
-    biggest = max(fixed, key=fixed.get) if fixed else None
-    hint = (f"; the largest fixed part is {biggest} ({fixed[biggest] / dense:.1%}): nest it "
-            "with --targets to go lower") if biggest else ""
-    return (f"budget {budget:g} is below this model's floor of {floor:.3f} of dense "
-            f"FLOPs/token (rank 1 everywhere, seq_len {seq_len}){hint}")
+    unnested = sum(fixed.values()) / dense
+    attention = table.attention_flops(seq_len) / dense
+    text = (f"budget {budget:g} is below this model's floor of {floor:.3f} of dense FLOPs/token "
+            f"(seq_len {seq_len}; at the smallest ranks, layers that are not nested still cost "
+            f"{unnested:.3f} and attention {attention:.3f})")
+    name = max(fixed, key=fixed.get) if fixed else None
+    share = fixed[name] / dense if name else 0.0
+    if attention >= share:
+        text += "; attention grows with the sequence: the floor is lower for shorter ones"
+    if share >= 0.01:
+        shared_with = weight_sharers(model, name)
+        if shared_with:
+            text += (f"; the largest, {name} ({share:.3f}), shares its weight with "
+                     f"{shared_with[0]} and cannot be nested")
+        else:
+            d_in, d_out, per_seq = table.dense[name]
+            rank_one = 2 * (d_in + d_out) / (seq_len if per_seq else 1) / dense
+            text += (f"; nesting the largest, {name} ({share:.3f}), with --targets would lower "
+                     f"the floor to about {floor - share + rank_one:.3f}")
+    return f"{text}; ask for at least {floor:.3f}"
+
+
+def weight_sharers(model: nn.Module, name: str) -> list[str]:
+    """Other parameter names bound to the same tensor as module `name`'s weight (tying)."""
+    weight = getattr(model.get_submodule(name), "weight", None)
+    return [n for n, p in model.named_parameters(remove_duplicate=False)
+            if p is weight and not n.startswith(f"{name}.")]
 
 
 def flop_counter():

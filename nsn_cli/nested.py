@@ -115,7 +115,8 @@ class NestedLinear(nn.Module):
         r = self.rank
         if r > self._break_even and not _TRANSIENT.active:
             return F.linear(x, self.merged_weight(), self.bias)
-        if (self._needs_autograd() or _TRANSIENT.active or x.dtype != self.A.dtype
+        if (_TRANSIENT.active or x.dtype != self.A.dtype
+                or (torch.is_grad_enabled() and (x.requires_grad or self._needs_autograd()))
                 or torch.is_autocast_enabled(x.device.type)):
             return F.linear(F.linear(x, self.A[:r]), self.B[:, :r], self.bias)
         return self._factored_inference(x, r)
