@@ -34,6 +34,11 @@ from .surgery import nested_layers
 ALLOCATIONS = ("uniform", "global")
 ALLOCATION_FILE = "allocation.json"
 CRITERION = "output-energy share per FLOP"
+SENSITIVE = "output-energy share × measured layer sensitivity per FLOP"
+# Sensitivity is probed at a heavy truncation (a tenth of R) on a few calibration
+# batches: low budgets are where allocation matters, and the probe stays cheap.
+PROBE_KEEP = 0.1
+PROBE_BATCHES = 4
 
 
 class GlobalSettings:
@@ -44,6 +49,7 @@ class GlobalSettings:
         self.names = list(names)
         self.order = torch.as_tensor(order, dtype=torch.long)
         self.max_ranks = list(max_ranks)
+        self.criterion = CRITERION
         check_order(self.names, self.order, self.max_ranks)
 
     def __len__(self) -> int:
@@ -102,11 +108,13 @@ def layer_blocks(gains: list[float], costs: list[float]) -> list[tuple[int, int,
 
 
 def global_order(model: nn.Module, energies: dict[str, torch.Tensor] | None = None,
-                 seq_len: int = DEFAULT_SEQ_LEN) -> tuple[list[str], torch.Tensor]:
+                 seq_len: int = DEFAULT_SEQ_LEN, weights: dict[str, float] | None = None
+                 ) -> tuple[list[str], torch.Tensor]:
     """(layer names, ordering) for `model`'s nested layers.
 
     `energies` maps a layer to its components' output energies (from whitened SVD);
-    layers without an entry use `component_energy` with identity inputs.
+    layers without an entry use `component_energy` with identity inputs. `weights`
+    scale each layer's energy shares (see `layer_sensitivity`); default 1.
     """
     table = cost_table(model)
     layers = nested_layers(model)
@@ -117,7 +125,8 @@ def global_order(model: nn.Module, energies: dict[str, torch.Tensor] | None = No
         energy = (energies or {}).get(name)
         if energy is None:
             energy = component_energy(layer)
-        share = (energy / energy.sum().clamp_min(1e-300)).tolist()
+        share = energy / energy.sum().clamp_min(1e-300)
+        share = (share * (weights or {}).get(name, 1.0)).tolist()
         per = seq_len if table.nested.get(name, False) else 1
         cost = [(layer.flops_per_token(r + 1) - layer.flops_per_token(r)) / per
                 for r in range(1, layer.max_rank)]
@@ -128,6 +137,53 @@ def global_order(model: nn.Module, energies: dict[str, torch.Tensor] | None = No
     return names, torch.tensor(order, dtype=torch.long)
 
 
+def layer_sensitivity(model: nn.Module, batches: list[dict], energies: dict[str, torch.Tensor],
+                      keep: float = PROBE_KEEP) -> dict[str, float]:
+    """How much the model's output moves per unit of energy share a layer loses.
+
+    Energy shares compare components within a layer, not across layers: losing 10% of a
+    query projection's output and 10% of an MLP's are not the same harm. For each layer
+    in turn, truncated alone to `keep`·R, the relative change of the last hidden state
+    on calibration rows is divided by the share it dropped. Label-free, one forward per
+    layer; the result scales that layer's shares in `global_order`.
+    """
+    layers = nested_layers(model)
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            reference = [final_hidden(model, b) for b in batches]
+            scale = sum(float((h * h).sum()) for h in reference)
+            weights = {}
+            for name, layer in layers.items():
+                rank = max(1, int(keep * layer.max_rank))
+                share = energies[name] / energies[name].sum().clamp_min(1e-300)
+                lost = float(share[rank:].sum())
+                if lost <= 0:
+                    weights[name] = 1.0
+                    continue
+                top = layer.rank
+                layer.set_rank(rank)
+                moved = sum(float(((final_hidden(model, b) - h) ** 2).sum())
+                            for b, h in zip(batches, reference))
+                layer.set_rank(top)
+                weights[name] = moved / max(scale, 1e-300) / lost
+    finally:
+        model.train(was_training)
+    positive = [w for w in weights.values() if w > 0]
+    floor = min(positive) if positive else 1.0
+    return {n: max(w, floor * 1e-3) for n, w in weights.items()}
+
+
+def final_hidden(model: nn.Module, batch: dict) -> torch.Tensor:
+    """The last hidden state at real tokens (the representation every head reads)."""
+    out = model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"),
+                output_hidden_states=True)
+    hidden = out.hidden_states[-1]
+    mask = batch.get("attention_mask")
+    return hidden[mask.bool()] if mask is not None else hidden.reshape(-1, hidden.shape[-1])
+
+
 def attach_global(model: nn.Module, names: list[str], order: torch.Tensor) -> GlobalSettings:
     """Make `set_budget` (and finetune's ladder) use this ordering for `model`."""
     layers = nested_layers(model)
@@ -135,6 +191,21 @@ def attach_global(model: nn.Module, names: list[str], order: torch.Tensor) -> Gl
         raise ProjectError("allocation: its layers do not match the model's nested layers")
     settings = GlobalSettings(names, order, [layers[n].max_rank for n in names])
     model._nsn_settings = settings
+    return settings
+
+
+def build_global(model: nn.Module, energies: dict[str, torch.Tensor] | None = None,
+                 calib_batches: list[dict] | None = None) -> GlobalSettings:
+    """The global ordering for a freshly nested model, attached to it.
+
+    With calibration data each layer's shares are weighted by its measured sensitivity;
+    without, shares alone decide (plain SVD energies with identity inputs).
+    """
+    weights = None
+    if energies and calib_batches:
+        weights = layer_sensitivity(model, calib_batches[:PROBE_BATCHES], energies)
+    settings = attach_global(model, *global_order(model, energies, weights=weights))
+    settings.criterion = SENSITIVE if weights else CRITERION
     return settings
 
 
@@ -169,11 +240,12 @@ def ranks_at(model: nn.Module, fraction: float, seq_len: int = DEFAULT_SEQ_LEN
 
 # ---------------------------------------------------------------- on disk
 
-def write_allocation(path: Path, names: list[str], order: torch.Tensor) -> None:
+def write_allocation(path: Path, names: list[str], order: torch.Tensor,
+                     criterion: str = CRITERION) -> None:
     """allocation.json: the layer names and the ordering, readable without nsn."""
     from .project import atomic_write_text
 
-    doc = {"method": "global", "criterion": CRITERION, "floor_rank": 1, "layers": names,
+    doc = {"method": "global", "criterion": criterion, "floor_rank": 1, "layers": names,
            "order": [int(i) for i in order]}
     # One line for the (long) ordering keeps the file small and still plain JSON.
     atomic_write_text(Path(path), json.dumps(doc, separators=(",", ":")) + "\n")
@@ -205,4 +277,6 @@ def load_into(model: nn.Module, project: Path, manifest: dict) -> GlobalSettings
 
     source = contained_path(project, record.get("path", ALLOCATION_FILE), manifest_path(project))
     names, order = read_allocation(source, record.get("sha256"))
-    return attach_global(model, names, order)
+    settings = attach_global(model, names, order)
+    settings.criterion = record.get("criterion", CRITERION)
+    return settings

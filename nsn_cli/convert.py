@@ -9,8 +9,7 @@ from typing import Callable
 
 from torch import nn
 
-from .allocation import (ALLOCATION_FILE, ALLOCATIONS, CRITERION, attach_global,
-                         global_order, write_allocation)
+from .allocation import ALLOCATION_FILE, ALLOCATIONS, build_global, write_allocation
 from .budget import cost_table
 from .config import ConvertConfig, to_dict
 from .decompose import METHODS
@@ -70,7 +69,7 @@ def convert_model(model: nn.Module, targets: str = "all", max_rank: int | None =
         nest_model(model, specs, svd, factor_fn=factor_fn, on_layer=on_layer)
     cost_table(model, refresh=True)
     if allocation == "global":
-        attach_global(model, *global_order(model, energies))
+        build_global(model, energies, calib_batches)
     return specs
 
 
@@ -102,10 +101,12 @@ def convert(cfg: ConvertConfig, on_start: Callable[[int], None] | None = None,
         allocation = {"method": cfg.allocation}
         settings = getattr(model, "_nsn_settings", None)
         if settings is not None:
-            write_allocation(tmp / ALLOCATION_FILE, settings.names, settings.order)
+            write_allocation(tmp / ALLOCATION_FILE, settings.names, settings.order,
+                             settings.criterion)
             record = file_record(tmp / ALLOCATION_FILE, tmp)
             outputs.append(record)
-            allocation.update(criterion=CRITERION, path=record["path"], sha256=record["sha256"])
+            allocation.update(criterion=settings.criterion, path=record["path"],
+                              sha256=record["sha256"])
         manifest = {
             "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
             "source": source, "task": task,

@@ -149,6 +149,7 @@ def test_manifest_records_method_calibration_and_allocation(global_project):
     assert decomposition["calibration"]["tokens"] == 6 * 16
     allocation = manifest["allocation"]
     assert allocation["method"] == "global" and allocation["path"] == "allocation.json"
+    assert "sensitivity" in allocation["criterion"]
     assert allocation["sha256"] == sha256_file(global_project / "allocation.json")
     outputs = {o["path"] for o in manifest["stages"]["convert"]["outputs"]}
     assert "allocation.json" in outputs
@@ -218,3 +219,26 @@ def test_bad_calibration_flags_fail_cleanly(tiny_models, tmp_path, flags, messag
     assert result.exit_code != 0
     assert message in result.output
     assert not out.exists()
+
+
+def test_sensitivity_finds_a_layer_whose_output_is_discarded():
+    from nsn_cli.allocation import SENSITIVE, build_global, layer_sensitivity
+    from nsn_cli.calibrate import iterate, nest_activation_aware
+    from nsn_cli.surgery import plan
+
+    model = build_tiny("llama")
+    with torch.no_grad():  # layer 1's MLP output is thrown away, so its up_proj cannot matter
+        candidate_layers(model)["model.layers.1.mlp.down_proj"].weight.zero_()
+    batches = [{"input_ids": sample_ids(n=4, length=32, seed=s)} for s in range(2)]
+    energies = nest_activation_aware(model, plan(model), iterate(batches))
+    weights = layer_sensitivity(model, batches, energies)
+    assert all(w > 0 for w in weights.values())
+    idle = weights["model.layers.1.mlp.up_proj"]
+    assert idle < 0.01 * weights["model.layers.0.mlp.up_proj"]
+    assert all(nested_layers(model)[n].rank == nested_layers(model)[n].max_rank for n in weights)
+    settings = build_global(model, energies, batches)
+    assert settings.criterion == SENSITIVE
+    # Layer 1's whole MLP buys nothing, so all its components come last.
+    idle = [f"model.layers.1.mlp.{p}_proj" for p in ("gate", "up", "down")]
+    tail = settings.order[-sum(nested_layers(model)[n].max_rank - 1 for n in idle):]
+    assert set(tail.tolist()) == {settings.names.index(n) for n in idle}
