@@ -147,8 +147,11 @@ def require_column(split, column: str, what: str, spec: DataSpec) -> None:
                         f"(columns: {', '.join(split.column_names)}; see --{what}-column)")
 
 
-def load_task_data(spec: DataSpec, tokenizer, task: str, seq_len: int) -> TaskData:
-    """Load, check and tokenise `spec` for `task` ('causal-lm' or 'seq-cls')."""
+def load_task_data(spec: DataSpec, tokenizer, task: str, seq_len: int,
+                   vocab_size: int | None = None) -> TaskData:
+    """Load, check and tokenise `spec` for `task` ('causal-lm' or 'seq-cls').
+
+    `vocab_size` (the model's embedding rows) lets ids past the embedding fail here."""
     raw = load_raw(spec)
     for split in raw.values():
         require_column(split, spec.text_column, "text", spec)
@@ -156,10 +159,27 @@ def load_task_data(spec: DataSpec, tokenizer, task: str, seq_len: int) -> TaskDa
         if spec.label_column and spec.label_column in raw["train"].column_names:
             raise DataError(f"data {spec.data!r} has a label column {spec.label_column!r} but the "
                             "project is a causal LM (pass --label-column '' to ignore labels)")
-        return pack_for_lm(raw, spec, tokenizer, seq_len)
-    for split in raw.values():
-        require_column(split, spec.label_column, "label", spec)
-    return encode_for_classification(raw, spec, tokenizer, seq_len)
+        data = pack_for_lm(raw, spec, tokenizer, seq_len)
+    else:
+        for split in raw.values():
+            require_column(split, spec.label_column, "label", spec)
+        data = encode_for_classification(raw, spec, tokenizer, seq_len)
+    check_token_ids(data, tokenizer, vocab_size, spec)
+    return data
+
+
+def check_token_ids(data: TaskData, tokenizer, vocab_size: int | None, spec: DataSpec) -> None:
+    """A tokenizer larger than the model's embedding makes ids the model cannot look up
+    (an IndexError deep in torch, found by tests/test_fuzz.py): refuse such data here."""
+    if vocab_size is None or len(tokenizer) <= vocab_size:
+        return
+    for name, split in (("train", data.train), ("eval", data.eval)):
+        top = max((max(ids) for ids in split.with_format(None)["input_ids"] if len(ids)),
+                  default=-1)
+        if top >= vocab_size:
+            raise DataError(f"the {name} split of {spec.data!r} has token id {top}, but the "
+                            f"model embeds only {vocab_size} tokens (its tokenizer has "
+                            f"{len(tokenizer)}): the tokenizer does not match the model")
 
 
 def clean_texts(texts) -> list[str]:

@@ -106,7 +106,8 @@ def load_inputs(cfg: FinetuneConfig, ladder: list[float], dist: Dist) -> Inputs:
     seq_len = resolve_seq_len(cfg.seq_len, model.config)
     spec = DataSpec(cfg.data, cfg.text_column, cfg.label_column, cfg.split, cfg.eval_split,
                     cfg.eval_fraction, cfg.seed, cfg.max_samples)
-    data = load_task_data(spec, tokenizer, task, seq_len)
+    data = load_task_data(spec, tokenizer, task, seq_len,
+                          vocab_size=model.get_input_embeddings().num_embeddings)
     if cfg.batch_size % dist.world:
         raise UsageError(f"--batch-size {cfg.batch_size} must be a multiple of the "
                          f"{dist.world} processes")

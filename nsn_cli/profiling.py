@@ -266,7 +266,8 @@ def profile_locked(cfg: ProfileConfig, seed: int, project: Path, manifest: dict,
     budgets = None if cfg.rank_fractions else list(cfg.budgets or DEFAULT_BUDGETS)
     cfg = replace(cfg, seq_len=resolve_seq_len(cfg, model), budgets=budgets)
     task = manifest["task"]
-    data = load_task_data(data_spec(cfg, seed), tokenizer, task, cfg.seq_len)
+    data = load_task_data(data_spec(cfg, seed), tokenizer, task, cfg.seq_len,
+                          vocab_size=model.get_input_embeddings().num_embeddings)
     bench = make_bench(cfg, model, data, tokenizer, task, device)
     points, skipped = plan_points(model, "nsn", budgets, cfg.rank_fractions, cfg.seq_len)
     if not points:

@@ -234,6 +234,55 @@ def test_bad_data_files_long(tmp_path_factory, tokenizer, rows_, suffix, task, r
     data_property(tmp_path_factory.mktemp("data"), tokenizer, rows_, suffix, task, raw_bytes)
 
 
+sane_rows = st.lists(st.fixed_dictionaries({"text": st.text(min_size=1, max_size=60),
+                                            "label": st.sampled_from(["a", "b", "c"])}),
+                     min_size=2, max_size=30)
+
+
+@pytest.fixture(scope="module")
+def finetune_world(converted, tmp_path_factory):
+    root = tmp_path_factory.mktemp("finetune-fuzz")
+    pristine = {family: shutil.copytree(converted[family], root / f"pristine-{family}")
+                for family in ("gpt2", "bert")}
+    return root, pristine
+
+
+def finetune_property(world, rows_, suffix, family, raw_bytes):
+    """`nsn finetune` on a fresh copy of a project with a generated data file."""
+    root, pristine = world
+    project, data = root / "project", root / f"data{suffix}"
+    shutil.rmtree(project, ignore_errors=True)
+    shutil.copytree(pristine[family], project)
+    write_rows(data, rows_, suffix, raw_bytes)
+    data_bytes, before = data.read_bytes(), snapshot(project)
+    result = runner.invoke(app, ["finetune", str(project), "--data", str(data), "--steps", "1",
+                                 "--batch-size", "2", "--seq-len", "8", "--eval-every", "0",
+                                 "--eval-samples", "2", "--save-every", "0"])
+    event("trained" if result.exit_code == 0 else " ".join(result.stderr.split()[2:6]))
+    assert data.read_bytes() == data_bytes
+    if check_outcome(result):
+        assert runner.invoke(app, ["verify", str(project)]).exit_code == 0
+    else:
+        assert snapshot(project) == before
+
+
+finetune_cases = dict(rows_=rows | sane_rows, suffix=st.sampled_from([".jsonl", ".csv", ".txt"]),
+                      family=st.sampled_from(["gpt2", "bert"]), raw_bytes=bad_bytes)
+
+
+@settings(QUICK, max_examples=8)
+@given(**finetune_cases)
+def test_finetune_on_bad_data(finetune_world, rows_, suffix, family, raw_bytes):
+    finetune_property(finetune_world, rows_, suffix, family, raw_bytes)
+
+
+@pytest.mark.slow
+@settings(LONG, max_examples=150)
+@given(**finetune_cases)
+def test_finetune_on_bad_data_long(finetune_world, rows_, suffix, family, raw_bytes):
+    finetune_property(finetune_world, rows_, suffix, family, raw_bytes)
+
+
 # ---------------------------------------------------------------- CLI arguments
 
 FLAGS = ["--task", "--targets", "--max-rank", "--max-rank-fraction", "--svd", "--num-labels",
