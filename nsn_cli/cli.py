@@ -274,13 +274,16 @@ def run(
 ):
     """Run a recipe end to end: convert → finetune → profile → frontier (resumable)."""
     from . import recipe_report as show
+    from .errors import UsageError
     from .recipe import check_model, load_recipe
     from .run import run_recipe
+    from .safety import contained_path
     from .stages import STAGE_FUNCTIONS
 
     loaded = load_recipe(recipe, set_)
+    # The recipe's name picks the default directory: it must not lead out of runs/.
+    target = project or contained_path(Path("runs"), loaded.name, recipe, error=UsageError)
     check_model(loaded)  # a missing model fails before any work starts
-    target = project or Path("runs") / loaded.name
     result = run_recipe(loaded, target, STAGE_FUNCTIONS, force=force,
                         on_stage=show.stage_banner(console(stderr=True)))
     show.run_summary(console(), result)

@@ -138,8 +138,10 @@ def release(project: Path, fd: int) -> None:
 
 
 def holder_of(project: Path) -> dict | None:
-    """The live holder's note, or None when nobody holds the lock (a stale file counts
-    as free)."""
+    """The note of a live holder in another process, or None when nobody else holds the
+    lock (a stale file counts as free)."""
+    if os.path.realpath(project) in _held:
+        return None
     path = Path(project) / LOCK_NAME
     try:
         fd = open_lock_file(path, create=False)

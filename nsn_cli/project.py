@@ -285,3 +285,9 @@ def ensure_empty_target(path: Path, force: bool) -> None:
         raise ProjectError(f"{path} exists and is not a directory")
     if path.is_dir() and any(path.iterdir()) and not force:
         raise ProjectError(f"{path} exists and is not empty (use --force to replace it)")
+    if path.is_dir():  # --force must not pull a project from under a running writer
+        from .lock import busy_message, holder_of
+
+        holder = holder_of(path)
+        if holder is not None:
+            raise ProjectError(busy_message(path, holder))

@@ -283,6 +283,78 @@ def test_finetune_on_bad_data_long(finetune_world, rows_, suffix, family, raw_by
     finetune_property(finetune_world, rows_, suffix, family, raw_bytes)
 
 
+# ---------------------------------------------------------------- recipes
+
+BASE_RECIPE = {"name": "fuzz", "description": "d", "model": "/nonexistent/model",
+               "task": "seq-cls", "data": "data.jsonl",
+               "convert": {"targets": "all", "num_labels": 4, "max_rank": 8},
+               "finetune": {"seq_len": 64, "steps": 3, "lr": 2e-4, "ladder": [0.25, 1.0]},
+               "profile": {"batch_size": 16, "budgets": [0.5, 1.0], "baseline": True},
+               "frontier": {"plot": True}}
+
+
+def toml_value(value) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, float):
+        return {"nan": "nan", "inf": "inf", "-inf": "-inf"}.get(repr(value), repr(value))
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, str):
+        return json.dumps(value, ensure_ascii=False)  # JSON escapes are valid TOML ones
+    if isinstance(value, list):
+        return "[" + ", ".join(map(toml_value, value)) + "]"
+    if value is None:
+        return '""'  # TOML has no null
+    return "{" + ", ".join(f"{toml_value(k)} = {toml_value(v)}" for k, v in value.items()) + "}"
+
+
+def toml_text(doc: dict) -> str:
+    lines = [f"{toml_value(k)} = {toml_value(v)}" for k, v in doc.items()
+             if not isinstance(v, dict)]
+    for key, table in doc.items():
+        if isinstance(table, dict):
+            lines.append(f"[{toml_value(key)}]")
+            lines += [f"{toml_value(k)} = {toml_value(v)}" for k, v in table.items()]
+    return "\n".join(lines) + "\n"
+
+
+def recipe_property(tmp_dir, data, garble):
+    doc = json.loads(json.dumps(BASE_RECIPE))
+    mutate(doc, data)
+    text = toml_text(doc)
+    if garble is not None:
+        cut, junk = garble
+        text = text[:cut % len(text)] + junk
+    recipe, project = tmp_dir / "r.toml", tmp_dir / "proj"
+    recipe.write_text(text, encoding="utf-8", errors="surrogatepass")
+    overrides = data.draw(st.lists(st.sampled_from(["finetune.steps=0", "x=1", "=", "profile",
+                                                    "convert.model=7", "name='../up'"]),
+                                   max_size=2), label="--set")
+    before = snapshot(tmp_dir)
+    args = ["run", str(recipe), str(project)] + [a for o in overrides for a in ("--set", o)]
+    result = runner.invoke(app, args)
+    event(" ".join(result.stderr.replace(str(recipe), "R").split()[2:6]))
+    check_outcome(result, must_fail=True)  # the model never exists
+    assert snapshot(tmp_dir) == before and not project.exists()
+
+
+garbles = st.none() | st.tuples(st.integers(0, 10_000), st.text(max_size=8))
+
+
+@QUICK
+@given(data=st.data(), garble=garbles)
+def test_mutated_recipes(tmp_path_factory, data, garble):
+    recipe_property(tmp_path_factory.mktemp("recipe"), data, garble)
+
+
+@pytest.mark.slow
+@LONG
+@given(data=st.data(), garble=garbles)
+def test_mutated_recipes_long(tmp_path_factory, data, garble):
+    recipe_property(tmp_path_factory.mktemp("recipe"), data, garble)
+
+
 # ---------------------------------------------------------------- CLI arguments
 
 FLAGS = ["--task", "--targets", "--max-rank", "--max-rank-fraction", "--svd", "--num-labels",

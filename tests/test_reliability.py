@@ -252,7 +252,8 @@ def test_lock_of_a_killed_holder_is_taken_over(project):
 def test_stale_lock_file_from_a_dead_pid_is_taken_over(project):
     (project / LOCK_NAME).write_text(json.dumps({"pid": 999_999_999, "host": "gone"}))
     with project_lock(project, "run"):
-        assert holder_of(project)["pid"] == os.getpid()
+        assert json.loads((project / LOCK_NAME).read_text())["pid"] == os.getpid()
+        assert holder_of(project) is None  # our own lock is no bar to us
     assert not (project / LOCK_NAME).exists()
 
 
@@ -361,3 +362,18 @@ def test_second_finetune_fails_at_once_naming_the_running_one(project):
     result = runner.invoke(app, finetune_args(project, "--steps", "2"))
     assert result.exit_code == 0, result.output
     assert not (project / LOCK_NAME).exists()
+
+
+def test_convert_force_never_replaces_a_project_in_use(project, tiny_models):
+    holder = start_holder(project)
+    try:
+        before = snapshot(project)
+        result = runner.invoke(app, ["convert", str(tiny_models["gpt2"]), str(project),
+                                     "--force"])
+        one_error_line(result, f"pid {holder.pid}", "in use")
+        assert snapshot(project) == before
+    finally:
+        holder.kill()
+        holder.wait()
+    result = runner.invoke(app, ["convert", str(tiny_models["gpt2"]), str(project), "--force"])
+    assert result.exit_code == 0, result.output  # the holder is gone: its stale lock is no bar

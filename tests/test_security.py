@@ -259,3 +259,25 @@ def test_finetune_never_saves_non_finite_weights(project, monkeypatch):
     assert latest.step == 2  # the good checkpoint before the bad step is kept
     assert {p.name: p.read_bytes() for p in (project / "model").iterdir()} == model_before
     assert (project / "nsn.json").read_bytes() == manifest_before
+
+
+# ---------------------------------------------------------------- recipes
+
+@pytest.mark.parametrize("extra,needle", [
+    ('name = "../../escaped"', "climbs out"),
+    ('name = "/tmp/escaped"', "is absolute"),
+    ('[finetune]\nproject = "../elsewhere"', "unknown key"),
+    ('[convert]\nout_dir = "/tmp/elsewhere"', "unknown key"),
+])
+def test_a_recipe_cannot_choose_where_nsn_writes(tiny_models, tmp_path, monkeypatch,
+                                                 extra, needle):
+    """Recipes name only inputs; the output directory is runs/<name> or the PROJECT given."""
+    work = tmp_path / "work" / "deep"
+    work.mkdir(parents=True)
+    monkeypatch.chdir(work)
+    recipe = work / "r.toml"
+    recipe.write_text(f'model = "{tiny_models["gpt2"]}"\ndata = "x.txt"\n{extra}\n')
+    result = runner.invoke(app, ["run", str(recipe)])
+    assert result.exit_code != 0 and needle in result.stderr, result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+    assert sorted(p.name for p in tmp_path.rglob("*")) == ["deep", "r.toml", "work"]
