@@ -172,8 +172,8 @@ class Settings:
 
     def __init__(self, layers: dict[str, NestedLinear]):
         self.layers = layers
-        self.fractions = sorted({k / m.max_rank for m in layers.values()
-                                 for k in range(1, m.max_rank + 1)})
+        tops = {m.max_rank for m in layers.values()}  # a few distinct R, not one per layer
+        self.fractions = sorted({k / top for top in tops for k in range(1, top + 1)})
 
     def __len__(self) -> int:
         return len(self.fractions)
