@@ -234,7 +234,8 @@ def test_bad_data_files_long(tmp_path_factory, tokenizer, rows_, suffix, task, r
     data_property(tmp_path_factory.mktemp("data"), tokenizer, rows_, suffix, task, raw_bytes)
 
 
-sane_rows = st.lists(st.fixed_dictionaries({"text": st.text(min_size=1, max_size=60),
+words = st.text(alphabet="abcdefghij klmnopqrstuvwxyz.", min_size=1, max_size=80)
+sane_rows = st.lists(st.fixed_dictionaries({"text": words | st.text(max_size=60),
                                             "label": st.sampled_from(["a", "b", "c"])}),
                      min_size=2, max_size=30)
 
@@ -441,3 +442,17 @@ def test_json_that_crashes_pyarrow_is_refused_first(tmp_path):
                             timeout=120)
     assert result.returncode == 0, result.stderr[-500:]
     assert "d.jsonl:3: column 'text' holds a boolean but line 2 holds a number" in result.stdout
+
+
+def test_rows_without_tokens_are_dropped_for_classification(tmp_path, tokenizer):
+    """Found by the finetune fuzzer: a batch of rows that tokenise to nothing crashed BERT."""
+    rows_ = [{"text": t, "label": lab} for t, lab in
+             [("", "a"), (None, "b"), ("the river", "a"), ("the mill", "b")] * 5]
+    path = tmp_path / "d.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows_))
+    task = load_task_data(DataSpec(str(path), seed=0), tokenizer, "seq-cls", 8)
+    assert len(task.train) + len(task.eval) == 10
+    assert all(len(ids) > 0 for ids in task.train.with_format(None)["input_ids"])
+    path.write_text("".join(json.dumps({"text": "", "label": "a"}) + "\n" for _ in range(9)))
+    with pytest.raises(NsnError, match="no labelled rows with text"):
+        load_task_data(DataSpec(str(path), seed=0), tokenizer, "seq-cls", 8)
