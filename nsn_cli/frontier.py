@@ -18,8 +18,8 @@ from .config import FrontierConfig, to_dict
 from .errors import BudgetError, ProjectError, UsageError
 from .evaluate import HIGHER_IS_BETTER, PRIMARY
 from .lock import project_lock
-from .project import (atomic_write_json, atomic_write_text, folder_records, read_manifest,
-                      record_stage, staging_dir)
+from .project import (atomic_write_json, atomic_write_text, folder_records, mark_unfinished,
+                      read_manifest, record_stage, staging_dir)
 
 COST = "flops_fraction"
 VARIANTS = ("nsn", "baseline")  # each gets its own frontier; "dense" is the reference
@@ -142,6 +142,7 @@ def frontier_locked(cfg: FrontierConfig, project: Path, manifest: dict) -> Front
     nsn = profile[profile["variant"] == "nsn"]
     best = best_within_budget(nsn, cfg.budget, metric, higher) if cfg.budget is not None else None
     out, plots = project / "frontier", []
+    mark_unfinished(project, "frontier")  # a kill before record_stage explains itself
     with staging_dir(out) as tmp:
         atomic_write_text(tmp / "frontier.csv", front.to_csv(index=False))
         best_row = None if best is None else json_rows(best.to_frame().T)[0]

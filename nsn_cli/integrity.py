@@ -54,7 +54,7 @@ def advice(project: Path, manifest: dict) -> str:
     stage = (manifest.get("unfinished") or {}).get("stage")
     if stage:
         return (f"`nsn {stage}` was stopped while writing its results; run it again on "
-                f"{project} to finish (it resumes)")
+                f"{project} to finish")
     return f"run `nsn verify {project}`"
 
 

@@ -33,8 +33,8 @@ from .measure import (activation_peak_bytes, active_weights, counted_flops_per_t
                       round_robin_times)
 from .profile_setup import (DTYPES, data_spec, reconvert, resolve_data, resvd, resolve_device,
                             resolve_seq_len, timing_batch, validate)
-from .project import (atomic_write_json, atomic_write_text, folder_records, read_manifest,
-                      record_stage, staging_dir)
+from .project import (atomic_write_json, atomic_write_text, folder_records, mark_unfinished,
+                      read_manifest, record_stage, staging_dir)
 from .surgery import nested_layers
 
 DEFAULT_BUDGETS = (0.05, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
@@ -335,6 +335,7 @@ def write_outputs(project: Path, cfg: ProfileConfig, frame, rows: list[dict], ru
     out = project / "profile"
     doc = {"run": run, "columns": list(frame.columns), "skipped": skipped, "ladder": ladder,
            "points": rows}
+    mark_unfinished(project, "profile")  # a kill before record_stage explains itself
     with staging_dir(out) as tmp:
         atomic_write_text(tmp / "profile.csv", frame.to_csv(index=False))
         atomic_write_json(tmp / "profile.json", json_safe(doc))

@@ -11,7 +11,6 @@ import shutil
 import subprocess
 import sys
 import textwrap
-from pathlib import Path
 
 import pytest
 from hypothesis import HealthCheck, assume, event, given, settings
@@ -422,14 +421,12 @@ def test_random_cli_arguments_long(cli_world, args):
 
 PYARROW_CRASH = textwrap.dedent("""
     import json, sys
-    sys.path.insert(0, sys.argv[2])
-    from conftest import make_tokenizer
-    from nsn_cli.data import DataSpec, load_task_data
+    from nsn_cli.data import DataSpec, load_raw
     from nsn_cli.errors import DataError
     rows = [{"label": "x" * 200_000}, {"text": 2136}, {"other": "x" * 200_000, "text": True}]
     open(sys.argv[1], "w").write("".join(json.dumps(r) + "\\n" for r in rows))
     try:
-        load_task_data(DataSpec(sys.argv[1]), make_tokenizer(), "seq-cls", 8)
+        load_raw(DataSpec(sys.argv[1]))
     except DataError as exc:
         print(exc)
 """)
@@ -437,9 +434,8 @@ PYARROW_CRASH = textwrap.dedent("""
 
 def test_json_that_crashes_pyarrow_is_refused_first(tmp_path):
     """Found by the data fuzzer: this file makes pyarrow 26's JSON reader segfault."""
-    result = subprocess.run([sys.executable, "-c", PYARROW_CRASH, str(tmp_path / "d.jsonl"),
-                             str(Path(__file__).parent)], capture_output=True, text=True,
-                            timeout=120)
+    result = subprocess.run([sys.executable, "-c", PYARROW_CRASH, str(tmp_path / "d.jsonl")],
+                            capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr[-500:]
     assert "d.jsonl:3: column 'text' holds a boolean but line 2 holds a number" in result.stdout
 
