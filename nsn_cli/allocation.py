@@ -31,7 +31,7 @@ from .errors import ProjectError, UsageError
 from .nested import NestedLinear
 from .surgery import nested_layers
 
-ALLOCATIONS = ("uniform", "global")
+ALLOCATIONS = ("auto", "uniform", "global")
 ALLOCATION_FILE = "allocation.json"
 CRITERION = "output-energy share per FLOP"
 SENSITIVE = "output-energy share × measured layer sensitivity per FLOP"

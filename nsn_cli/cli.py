@@ -109,7 +109,7 @@ def convert(
     calib: Optional[str] = typer.Option(None, help=_h(ConvertConfig, "calib")),
     calib_samples: int = typer.Option(128, help=_h(ConvertConfig, "calib_samples")),
     calib_seq_len: int = typer.Option(128, help=_h(ConvertConfig, "calib_seq_len")),
-    allocation: str = typer.Option("uniform", help=_h(ConvertConfig, "allocation")),
+    allocation: str = typer.Option("auto", help=_h(ConvertConfig, "allocation")),
     num_labels: Optional[int] = typer.Option(None, help=_h(ConvertConfig, "num_labels")),
     revision: Optional[str] = typer.Option(None, help=_h(ConvertConfig, "revision")),
     trust_remote_code: bool = typer.Option(False, help=_h(ConvertConfig, "trust_remote_code")),

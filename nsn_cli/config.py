@@ -31,9 +31,11 @@ class ConvertConfig:
                                   "by activation-aware SVD on its real inputs.")
     calib_samples: int = opt(128, "Rows (or LM blocks) of the calibration data to use.")
     calib_seq_len: int = opt(128, "Tokens per calibration row or LM block.")
-    allocation: str = opt("uniform", "Rank allocation across layers: uniform (the same fraction "
-                                     "of R everywhere) or global (one nested ordering of all "
-                                     "components by output energy per FLOP).")
+    allocation: str = opt("auto", "Rank allocation across layers: uniform (the same fraction "
+                                  "of R everywhere), global (one nested ordering of all "
+                                  "components by output energy per FLOP, weighted by measured "
+                                  "layer sensitivity), or auto: global with --calib, else "
+                                  "uniform.")
     num_labels: int | None = opt(None, "Classes of a new classification head (seq-cls).")
     revision: str | None = opt(None, "Hub revision (branch, tag or commit) to load.")
     trust_remote_code: bool = opt(False, "Allow the model repository to run its own code.")

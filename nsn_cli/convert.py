@@ -52,12 +52,12 @@ def convert_model(model: nn.Module, targets: str = "all", max_rank: int | None =
                   max_rank_fraction: float | None = None, svd: str = "auto",
                   factor_fn=None, on_layer: Callable | None = None,
                   calib_batches: list[dict] | None = None,
-                  allocation: str = "uniform") -> list[ModuleSpec]:
+                  allocation: str = "auto") -> list[ModuleSpec]:
     """Nest `model`'s target layers in place (the library entry point); returns the specs.
 
     With `calib_batches` (dicts of input_ids / attention_mask) layers are factored by
     activation-aware SVD; `allocation="global"` attaches a nested global ordering that
-    `set_budget` then follows.
+    `set_budget` then follows ("auto": global when calibrated, else uniform).
     """
     from .calibrate import iterate, nest_activation_aware
 
@@ -68,7 +68,7 @@ def convert_model(model: nn.Module, targets: str = "all", max_rank: int | None =
     else:
         nest_model(model, specs, svd, factor_fn=factor_fn, on_layer=on_layer)
     cost_table(model, refresh=True)
-    if allocation == "global":
+    if resolve_allocation(allocation, calib_batches is not None) == "global":
         build_global(model, energies, calib_batches)
     return specs
 
@@ -93,12 +93,13 @@ def convert(cfg: ConvertConfig, on_start: Callable[[int], None] | None = None,
         on_start(len(specs))
     convert_model(model, cfg.targets, cfg.max_rank, cfg.max_rank_fraction, cfg.svd,
                   on_layer=on_layer, calib_batches=batches, allocation=cfg.allocation)
+    allocation = resolve_allocation(cfg.allocation, batches is not None)
     summary = {"layers": len(specs), **before, **nested_stats(model)}
     out = Path(cfg.out_dir)
     with staging_dir(out) as tmp:
         save_model(model, tokenizer, tmp / MODEL_DIR)
         outputs = folder_records(tmp / MODEL_DIR, tmp)
-        allocation = {"method": cfg.allocation}
+        allocation = {"method": allocation}
         settings = getattr(model, "_nsn_settings", None)
         if settings is not None:
             write_allocation(tmp / ALLOCATION_FILE, settings.names, settings.order,
@@ -118,6 +119,13 @@ def convert(cfg: ConvertConfig, on_start: Callable[[int], None] | None = None,
         }
         write_manifest(tmp, manifest)
     return ConvertResult(specs, summary, out)
+
+
+def resolve_allocation(allocation: str, calibrated: bool) -> str:
+    """`auto` is global where it was measured to win (with calibration), else uniform."""
+    if allocation == "auto":
+        return "global" if calibrated else "uniform"
+    return allocation
 
 
 def decomposition_record(cfg: ConvertConfig, batches: list[dict] | None) -> dict:

@@ -242,3 +242,12 @@ def test_sensitivity_finds_a_layer_whose_output_is_discarded():
     idle = [f"model.layers.1.mlp.{p}_proj" for p in ("gate", "up", "down")]
     tail = settings.order[-sum(nested_layers(model)[n].max_rank - 1 for n in idle):]
     assert set(tail.tolist()) == {settings.names.index(n) for n in idle}
+
+
+def test_auto_allocation_is_global_only_with_calibration():
+    batches = [{"input_ids": sample_ids(n=4, length=32, seed=s)} for s in range(2)]
+    calibrated, plain = build_tiny("llama"), build_tiny("llama")
+    convert_model(calibrated, calib_batches=batches)  # allocation="auto"
+    convert_model(plain)
+    assert isinstance(calibrated._nsn_settings, GlobalSettings)
+    assert getattr(plain, "_nsn_settings", None) is None
