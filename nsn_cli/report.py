@@ -83,5 +83,7 @@ def project_info(console: Console, project: Path, manifest: dict) -> None:
     table.add_row("nested layers", str(len(modules)))
     table.add_row("max ranks R", ", ".join(map(str, ranks[:8])) + (" …" if len(ranks) > 8 else ""))
     table.add_row("decomposition", str(manifest.get("decomposition", {}).get("method", "svd")))
+    table.add_row("rank allocation", str((manifest.get("allocation") or {}).get("method",
+                                                                              "uniform")))
     table.add_row("stages done", ", ".join(manifest["stages"]) or "-")
     console.print(table)
