@@ -1,5 +1,9 @@
 """Split a weight matrix into nested factors A (R × d_in), B (d_out × R) with SVD.
 
+Two kinds: plain SVD of W (below), and activation-aware SVD of W whitened by the
+layer's input second moment (`whitened_svd_factors`, further down), whose prefixes
+minimise the output error on real inputs instead of the weight error.
+
 W = U S Vᵀ is split in balance, B = U √S and A = √S Vᵀ, so both factors carry the same
 scale and train equally well. Components come in order of singular value, so every
 prefix r is the best rank-r approximation of W (Eckart–Young).
