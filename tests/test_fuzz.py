@@ -25,7 +25,7 @@ from nsn_cli.errors import NsnError
 runner = CliRunner()
 QUICK = settings(max_examples=25, deadline=None, database=None,
                  suppress_health_check=list(HealthCheck))
-LONG = settings(max_examples=400, deadline=None, database=None,
+LONG = settings(max_examples=200, deadline=None, database=None,
                 suppress_health_check=list(HealthCheck))
 
 
@@ -277,7 +277,7 @@ def test_finetune_on_bad_data(finetune_world, rows_, suffix, family, raw_bytes):
 
 
 @pytest.mark.slow
-@settings(LONG, max_examples=150)
+@settings(LONG, max_examples=60)
 @given(**finetune_cases)
 def test_finetune_on_bad_data_long(finetune_world, rows_, suffix, family, raw_bytes):
     finetune_property(finetune_world, rows_, suffix, family, raw_bytes)
