@@ -324,6 +324,8 @@ def open_logs(trainer: Trainer, start: int) -> dict[str, CsvLog]:
     from .evaluate import METRICS
 
     folder = trainer.dir
+    # The logs of an earlier finetune are recorded in nsn.json; they change from here on.
+    mark_unfinished(Path(trainer.cfg.project), "finetune", replacing=f"{FINETUNE_DIR}/")
     if start == 0:
         ckpt.reset(folder / CHECKPOINTS)
         shutil.rmtree(folder, ignore_errors=True)

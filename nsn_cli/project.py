@@ -247,13 +247,18 @@ def record_stage(project: Path, stage: str, config: dict, outputs: list[dict],
     return manifest
 
 
-def mark_unfinished(project: Path, stage: str) -> None:
+def mark_unfinished(project: Path, stage: str, replacing: str | None = None) -> None:
     """Note in nsn.json that `stage` starts replacing files earlier stages recorded.
 
     `record_stage` clears the note. If the process dies in between, readers that find
-    files no longer matching their records can say why, and what to run.
+    files no longer matching their records can say why, and what to run. With
+    `replacing` (a folder such as "finetune/") the note is written only if some record
+    lies under it: otherwise nothing recorded changes and nsn.json is left alone.
     """
     manifest = read_manifest(project)
+    recorded = (o["path"] for s in manifest["stages"].values() for o in s["outputs"])
+    if replacing is not None and not any(p.startswith(replacing) for p in recorded):
+        return
     manifest["unfinished"] = {"stage": stage}
     write_manifest(project, manifest)
 

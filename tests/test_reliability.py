@@ -377,3 +377,27 @@ def test_convert_force_never_replaces_a_project_in_use(project, tiny_models):
         holder.wait()
     result = runner.invoke(app, ["convert", str(tiny_models["gpt2"]), str(project), "--force"])
     assert result.exit_code == 0, result.output  # the holder is gone: its stale lock is no bar
+
+
+def test_a_stopped_second_finetune_explains_its_changed_logs(project, monkeypatch):
+    """Rewriting finetune/ logs that an earlier finetune recorded is announced first."""
+    from conftest import TINY_TEXT
+    from nsn_cli import finetune as ft
+    from nsn_cli.config import FinetuneConfig
+    from nsn_cli.errors import TrainingError
+    from nsn_cli.project import mark_unfinished
+
+    untouched = (project / "nsn.json").read_bytes()
+    mark_unfinished(project, "profile", replacing="profile/")  # nothing recorded there
+    assert (project / "nsn.json").read_bytes() == untouched
+    cfg = dict(project=str(project), data=str(TINY_TEXT), seq_len=32, steps=2, batch_size=4,
+               eval_every=0, eval_samples=4, save_every=0)
+    ft.finetune(FinetuneConfig(**cfg))
+    assert runner.invoke(app, ["verify", str(project)]).exit_code == 0
+    monkeypatch.setattr(ft, "task_loss", lambda *a: torch.tensor(float("nan"),
+                                                                  requires_grad=True))
+    with pytest.raises(TrainingError):
+        ft.finetune(FinetuneConfig(**{**cfg, "seed": 1}))
+    one_error_line(runner.invoke(app, ["verify", str(project)]), "finetune/",
+                   "`nsn finetune` was stopped while writing its results")
+    load(project)  # model/ was never touched: the model still loads
