@@ -242,7 +242,8 @@ def record_stage(project: Path, stage: str, config: dict, outputs: list[dict],
     # a file rewritten by a later stage wins (integrity.current_records).
     manifest["stages"].pop(stage, None)
     manifest["stages"][stage] = {"config": config, "outputs": outputs, "summary": summary}
-    manifest.pop("unfinished", None)
+    if manifest.get("unfinished", {}).get("stage") == stage:
+        del manifest["unfinished"]
     write_manifest(project, manifest)
     return manifest
 
@@ -259,7 +260,8 @@ def mark_unfinished(project: Path, stage: str, replacing: str | None = None) -> 
     recorded = (o["path"] for s in manifest["stages"].values() for o in s["outputs"])
     if replacing is not None and not any(p.startswith(replacing) for p in recorded):
         return
-    manifest["unfinished"] = {"stage": stage}
+    # An earlier stage that is still unfinished keeps the note: its files need it first.
+    manifest.setdefault("unfinished", {"stage": stage})
     write_manifest(project, manifest)
 
 
