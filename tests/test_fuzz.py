@@ -452,3 +452,20 @@ def test_rows_without_tokens_are_dropped_for_classification(tmp_path, tokenizer)
     path.write_text("".join(json.dumps({"text": "", "label": "a"}) + "\n" for _ in range(9)))
     with pytest.raises(NsnError, match="no labelled rows with text"):
         load_task_data(DataSpec(str(path), seed=0), tokenizer, "seq-cls", 8)
+
+
+def test_a_real_terminal_also_sees_one_line(converted, tmp_path):
+    """CliRunner cannot see log handlers bound to the real stderr (datasets logs a read
+    failure before raising it), so one failure runs as a real process."""
+    project = shutil.copytree(converted["bert"], tmp_path / "p")
+    bad = tmp_path / "bad.csv"
+    bad.write_bytes(b"text,label\ncaf\xe9,1\n")
+    before = snapshot(project)
+    result = subprocess.run([sys.executable, "-m", "nsn_cli", "finetune", str(project),
+                             "--data", str(bad), "--steps", "1"], capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode != 0
+    assert result.stderr.strip().splitlines() == [
+        f"nsn: error: cannot load data '{bad}': 'utf-8' codec can't decode byte 0xe9 in "
+        "position 3: unexpected end of data"]
+    assert snapshot(project) == before
