@@ -16,6 +16,7 @@ import csv
 import os
 import random
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -48,13 +49,21 @@ def nsn(*args) -> subprocess.Popen:
 
 
 def kill_when(proc: subprocess.Popen, fire, timeout: float = 300) -> bool:
-    """SIGKILL `proc` as soon as `fire()` is true; False if it exited first."""
+    """SIGKILL `proc` as soon as `fire()` is true; False if it exited first.
+
+    A trigger that can tell whether the moment is still on (`fire.still_there`) gets it
+    checked with the process frozen by SIGSTOP: the kill then lands exactly there, or
+    the process resumes and we wait for the next such moment.
+    """
     deadline = time.time() + timeout
     while proc.poll() is None:
         if fire():
-            proc.kill()
-            proc.wait()
-            return True
+            proc.send_signal(signal.SIGSTOP)
+            if getattr(fire, "still_there", lambda: True)():
+                proc.kill()
+                proc.wait()
+                return True
+            proc.send_signal(signal.SIGCONT)
         assert time.time() < deadline, "the process hung"
         time.sleep(0.0005)
     assert proc.returncode == 0, proc.stderr.read()

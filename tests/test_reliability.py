@@ -277,24 +277,30 @@ RACER = textwrap.dedent("""
     import os, sys, time
     from nsn_cli.errors import ProjectError
     from nsn_cli.lock import project_lock
+    print("ready", flush=True)
     while not os.path.exists(sys.argv[2]):
         time.sleep(0.001)
     try:
         with project_lock(sys.argv[1], "race"):
-            time.sleep(1.0)
-            print("won")
+            print("won", flush=True)
+            while not os.path.exists(sys.argv[3]):  # hold it until every racer has tried
+                time.sleep(0.01)
     except ProjectError:
-        print("lost")
+        print("lost", flush=True)
 """)
 
 
 def test_racing_writers_exactly_one_wins(project, tmp_path):
-    go = tmp_path / "go"
-    racers = [subprocess.Popen([sys.executable, "-c", RACER, str(project), str(go)],
-                               stdout=subprocess.PIPE, text=True) for _ in range(4)]
-    time.sleep(1.5)  # let every racer import and wait at the line
+    go, release = tmp_path / "go", tmp_path / "release"
+    racers = [subprocess.Popen([sys.executable, "-c", RACER, str(project), str(go),
+                                str(release)], stdout=subprocess.PIPE, text=True)
+              for _ in range(4)]
+    assert [r.stdout.readline().strip() for r in racers] == ["ready"] * 4
     go.touch()
-    outcomes = sorted(r.communicate(timeout=60)[0].strip() for r in racers)
+    outcomes = sorted(r.stdout.readline().strip() for r in racers)
+    release.touch()
+    for racer in racers:
+        racer.wait(timeout=60)
     assert outcomes == ["lost", "lost", "lost", "won"]
     assert not (project / LOCK_NAME).exists()
 
