@@ -132,8 +132,9 @@ class FinetuneConfig:
                                  "drawn from the rest of the ladder.")
     objective: str = opt("uncertainty", "uncertainty (learned weights exp(-s_k)) or uniform "
                                         "(plain average over the ranks of a step).")
-    distill: bool = opt(False, "Lower ranks also match the top rank's output distribution "
-                               "(KL to its detached logits).")
+    distill: bool = opt(True, "Lower ranks also match the top rank's output distribution "
+                              "(KL to its detached logits); on by default, as measured in "
+                              "benchmarks/finetune_objectives.py (see the README).")
     eval_every: int = opt(50, "Evaluate on the held-out split every N steps (0: only before "
                               "and after training).")
     eval_samples: int = opt(256, "Held-out rows (LM: blocks) used by each evaluation.")
