@@ -14,6 +14,7 @@ leaves the directory untouched.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import math
 import shutil
@@ -40,6 +41,7 @@ from .project import (MODEL_DIR, atomic_write_text, file_record, folder_records,
 from .safety import refuse_nonfinite
 
 MIN_LR_RATIO = 0.1  # cosine decays to a tenth of the peak
+HISTORY = 1000  # step reports a result keeps (metrics.csv has them all)
 
 
 @dataclass
@@ -58,7 +60,7 @@ class FinetuneResult:
     project: Path
     summary: dict | None  # None on processes other than 0
     resumed_from: int | None = None
-    history: list[StepReport] = field(default_factory=list)
+    history: list[StepReport] = field(default_factory=list)  # this run's last HISTORY steps
 
 
 # ---------------------------------------------------------------- schedule and data order
@@ -294,7 +296,7 @@ def run(trainer: Trainer, callbacks: Callbacks) -> FinetuneResult:
     elif main and is_eval_point(cfg, start):  # its rows were dropped with the later ones
         log_eval(trainer, logs, callbacks, start, trainer.evaluate(trainer.periodic_eval_indices()))
     callbacks.call("on_start", cfg.steps, start)
-    began, history = time.perf_counter(), []
+    began, history = time.perf_counter(), collections.deque(maxlen=HISTORY)
     for step in range(start, cfg.steps):
         report = trainer.train_step(step)
         trainer.state["tokens"] = trainer.state.get("tokens", 0) + report.tokens
@@ -309,10 +311,10 @@ def run(trainer: Trainer, callbacks: Callbacks) -> FinetuneResult:
                 trainer.save(report.step)
     if not main:
         trainer.dist.barrier()
-        return FinetuneResult(Path(cfg.project), None, start or None, history)
+        return FinetuneResult(Path(cfg.project), None, start or None, list(history))
     summary = finalize(trainer, logs, callbacks, start, time.perf_counter() - began)
     trainer.dist.barrier()
-    return FinetuneResult(Path(cfg.project), summary, start or None, history)
+    return FinetuneResult(Path(cfg.project), summary, start or None, list(history))
 
 
 def is_eval_point(cfg: FinetuneConfig, step: int) -> bool:
