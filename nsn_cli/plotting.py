@@ -76,7 +76,7 @@ def plot_frontier(profile, front, metric: str, higher_is_better: bool, info: dic
 
 def draw_metric(axis, profile, front, metric: str) -> None:
     """Each variant: every measured point (thin), its Pareto frontier (bold) on top."""
-    styles = {"nsn": ("-", "o", "nsn"), "baseline": ("--", "s", "truncated SVD, untrained")}
+    styles = {"nsn": ("-", "o", "nsn"), "baseline": ("--", "s", "plain truncated SVD (--baseline)")}
     for variant, (line, marker, name) in styles.items():
         measured = profile[profile["variant"] == variant].sort_values("flops_fraction")
         if measured.empty:
