@@ -35,7 +35,7 @@ from .finetune_logs import (EVAL_FILE, METRIC_COLUMNS, METRICS_FILE, CsvLog, eva
                             metric_rows)
 from .finetune_setup import CHECKPOINTS, FINETUNE_DIR, Inputs, load_inputs, validate
 from .lock import project_lock
-from .objective import RankWeights, distill_loss, ranks_for_step, task_loss
+from .objective import RankWeights, distill_loss, ranks_for_step, task_loss, teacher_from
 from .project import (MODEL_DIR, atomic_write_text, file_record, folder_records,
                       mark_unfinished, record_stage, staging_dir)
 from .safety import refuse_nonfinite
@@ -130,8 +130,8 @@ class Trainer:
             for j, index in enumerate(picked):
                 last = micro == cfg.grad_accum - 1 and j == len(picked) - 1
                 loss, kl, logits = self.rank_pass(index, batch, teacher, len(picked), last)
-                if cfg.distill and j == 0:
-                    teacher = logits.detach()
+                if cfg.distill and j == 0 and len(picked) > 1:
+                    teacher = teacher_from(self.inputs.task, logits)
                 sums[index] += loss / cfg.grad_accum
                 sums[size + index] += kl / cfg.grad_accum
         self.dist.mean_(sums[:-1])

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import math
 import random
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -118,14 +119,34 @@ def task_loss(task: str, logits: torch.Tensor, batch: dict) -> torch.Tensor:
     return F.cross_entropy(logits, batch["labels"])
 
 
-def distill_loss(task: str, logits: torch.Tensor, teacher: torch.Tensor,
-                 batch: dict) -> torch.Tensor:
-    """KL(teacher ‖ student) per predicted token (or row), teacher = detached top rank."""
-    student = F.log_softmax(logits.float(), dim=-1)
-    target = F.log_softmax(teacher.float(), dim=-1)
-    if task == "causal-lm":
-        student, target = student[:, :-1], target[:, :-1]
-    kl = F.kl_div(student, target, log_target=True, reduction="none").sum(dim=-1)
+@dataclass
+class Teacher:
+    """The top rank's output distribution, prepared once per batch for every lower rank."""
+
+    probs: torch.Tensor  # p_top over the classes (or next tokens), detached
+    neg_entropy: torch.Tensor  # Σ p_top·log p_top per row: the constant part of the KL
+
+
+def teacher_from(task: str, logits: torch.Tensor) -> Teacher:
+    with torch.no_grad():
+        log_p = F.log_softmax(predicting(task, logits).float(), dim=-1)
+        probs = log_p.exp()
+        return Teacher(probs, (probs * log_p).sum(dim=-1))
+
+
+def predicting(task: str, logits: torch.Tensor) -> torch.Tensor:
+    """The positions that predict something (a causal LM's last position predicts nothing)."""
+    return logits[:, :-1] if task == "causal-lm" else logits
+
+
+def distill_loss(task: str, logits: torch.Tensor, teacher: Teacher, batch: dict) -> torch.Tensor:
+    """KL(p_top ‖ p_rank) per predicted token (or row).
+
+    KL = Σ p_top·log p_top − Σ p_top·log p_rank; the first sum is fixed by the teacher,
+    so each rank costs one log-softmax and one weighted sum, not two softmaxes.
+    """
+    log_q = F.log_softmax(predicting(task, logits).float(), dim=-1)
+    kl = teacher.neg_entropy - (teacher.probs * log_q).sum(dim=-1)
     if task == "causal-lm":
         keep = (token_targets(batch) != -100).to(kl.dtype)
         return (kl * keep).sum() / keep.sum().clamp_min(1)

@@ -10,7 +10,7 @@ from nsn_cli.budget import ranks_for_fraction
 from nsn_cli.convert import convert_model
 from nsn_cli.errors import UsageError
 from nsn_cli.objective import (DEFAULT_LADDER, RankWeights, distill_loss, ladder_settings,
-                               parse_ladder, ranks_for_step, task_loss)
+                               parse_ladder, ranks_for_step, task_loss, teacher_from)
 from nsn_cli.surgery import nested_layers
 
 
@@ -92,13 +92,15 @@ def test_distill_is_zero_for_the_teacher_and_positive_below_it():
         for layer in nested_layers(model).values():
             layer.set_rank(2)
         low = model(input_ids=ids).logits
-    assert float(distill_loss("causal-lm", top, top, batch)) == pytest.approx(0, abs=1e-6)
+    teacher = teacher_from("causal-lm", top)
+    assert float(distill_loss("causal-lm", top, teacher, batch)) == pytest.approx(0, abs=1e-6)
     p, log_p, log_q = top.softmax(-1), top.log_softmax(-1), low.log_softmax(-1)
     expected = (p * (log_p - log_q)).sum(-1)[:, :-1].mean()  # the last position predicts nothing
     assert float(expected) > 0
-    torch.testing.assert_close(distill_loss("causal-lm", low, top, batch), expected)
+    torch.testing.assert_close(distill_loss("causal-lm", low, teacher, batch), expected)
     rows = torch.randn(3, 2)
-    assert float(distill_loss("seq-cls", rows + 1.0, rows, {})) == pytest.approx(0, abs=1e-6)
+    assert float(distill_loss("seq-cls", rows + 1.0, teacher_from("seq-cls", rows), {})) \
+        == pytest.approx(0, abs=1e-6)
 
 
 def test_ladder_points_use_the_projects_rank_family():
