@@ -90,12 +90,6 @@ def _h(cls, name):
     return help_for(cls, name)
 
 
-def _h_finetune(name):
-    from .config import FinetuneConfig
-
-    return help_for(FinetuneConfig, name)
-
-
 @app.command()
 @friendly_errors
 def convert(
@@ -132,7 +126,10 @@ def _f(name: str, **kwargs):
     """A `nsn finetune` option whose default and help come from FinetuneConfig."""
     from .config import FinetuneConfig, default_of
 
-    return typer.Option(default_of(FinetuneConfig, name), help=_h(FinetuneConfig, name), **kwargs)
+    default = default_of(FinetuneConfig, name)
+    if isinstance(default, list):  # given on the command line as comma-separated values
+        default = ",".join(f"{v:g}" for v in default)
+    return typer.Option(default, help=_h(FinetuneConfig, name), **kwargs)
 
 
 @app.command()
@@ -147,7 +144,7 @@ def finetune(
     grad_accum: int = _f("grad_accum"), lr: float = _f("lr"), scale_lr: float = _f("scale_lr"),
     warmup: float = _f("warmup"), weight_decay: float = _f("weight_decay"),
     clip: float = _f("clip"), precision: str = _f("precision"), seed: int = _f("seed"),
-    ladder: str = typer.Option("0.0625,0.125,0.25,0.5,1", help=_h_finetune("ladder")),
+    ladder: str = _f("ladder"),
     ranks_per_step: int = _f("ranks_per_step"), objective: str = _f("objective"),
     distill: bool = _f("distill"), eval_every: int = _f("eval_every"),
     eval_samples: int = _f("eval_samples"), save_every: int = _f("save_every"),
