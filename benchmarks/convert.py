@@ -20,14 +20,16 @@ function behind `nsn convert`, and reports:
 
 from __future__ import annotations
 
+import argparse
 import json
+import os
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-from common import Spread, base_parser, build_model, param_bytes, print_table, setup
+from common import Spread, build_model, param_bytes, print_table
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -72,6 +74,8 @@ if len(sys.argv) > 3:
 convert(ConvertConfig(model=sys.argv[1], out_dir=sys.argv[2]), on_start=on_start,
         on_layer=on_layer)
 marks["saved"] = time.perf_counter()
+usage = resource.getrusage(resource.RUSAGE_SELF)
+marks["cpu"] = usage.ru_utime + usage.ru_stime  # every thread of the process
 marks["peak_rss"] = peak_kib()
 marks["peak_anon"] = anon["peak"]
 marks = {k: (v - start if k in ("imports", "loaded", "decomposed", "saved") else v)
@@ -81,8 +85,13 @@ print(json.dumps(marks))
 
 
 def parse_args():
-    parser = base_parser(__doc__.split("\n")[0])
+    # nsn convert runs on CPU and is timed by the wall clock: no --device, no --clock.
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", default="gpt2", help="gpt2 (default), bert or llama shape")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch CPU threads in the converting process (default: torch's)")
+    parser.add_argument("--repeats", type=int, default=None, help="conversions (default 3)")
+    parser.add_argument("--quick", action="store_true", help="one conversion")
     return parser.parse_args()
 
 
@@ -115,12 +124,10 @@ def run_once(source: Path, work: Path, index: int, threads: int | None) -> dict:
 
 
 def _env() -> dict:
-    import os
-
     return {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
 
 
-def report(runs: list[dict], size: int) -> None:
+def report(runs: list[dict], size: int, load: tuple[float, float]) -> None:
     def spread(values):
         s = Spread.of(values)
         return f"{s.median:.1f}", f"{s.min:.1f}-{s.max:.1f}"
@@ -133,6 +140,8 @@ def report(runs: list[dict], size: int) -> None:
         ["  probe + save", *spread([r["saved"] - r["decomposed"] for r in runs]), "s"],
         ["stage (load + decompose + save)", *spread([r["saved"] - r["imports"] for r in runs]),
          "s"],
+        ["CPU time of the process (all threads)", *spread([r["cpu"] for r in runs]), "s"],
+        ["machine load average before / after", f"{load[0]:.1f} / {load[1]:.1f}", "", ""],
     ]
     mib = 1024 * 1024
     peak = [r["peak_rss"] * 1024 / mib for r in runs]
@@ -158,14 +167,14 @@ def _mem(values):
 
 def main():
     args = parse_args()
-    setup(args)
     runs = args.repeats or (1 if args.quick else 3)
     with tempfile.TemporaryDirectory(prefix="nsn-bench-convert-") as tmp:
         work = Path(tmp)
         size = save_source(args.model, work / "source")
         print(f"{args.model}: {size / 4 / 1e6:.0f}M parameters; {runs} conversion(s)", flush=True)
+        before = os.getloadavg()[0]
         results = [run_once(work / "source", work, i, args.threads) for i in range(runs)]
-    report(results, size)
+    report(results, size, (before, os.getloadavg()[0]))
 
 
 if __name__ == "__main__":

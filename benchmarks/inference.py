@@ -21,24 +21,25 @@ from __future__ import annotations
 
 import copy
 import time
+from dataclasses import dataclass
 
 import torch
 
-from common import (FAMILIES, base_parser, build_model, interleaved, is_decoder, machine_line,
+from common import (FAMILIES, Spread, base_parser, build_model, interleaved, is_decoder, machine_line,
                     now, paired_ratios, print_table, seconds, setup, synchronize)
 from nsn_cli.budget import apply_ranks, flops_fraction, set_budget, settings_for
 from nsn_cli.convert import convert_model
 from nsn_cli.errors import BudgetError
 
-BUDGETS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
+BUDGETS = (0.1, 0.2, 0.25, 0.3, 0.4, 0.5, 0.6, 0.7, 0.75, 0.8, 0.9, 1.0)
 QUICK_BUDGETS = (0.25, 0.5, 0.75, 1.0)
 FLOOR = "rank 1"
 
 
 def parse_args():
     parser = base_parser(__doc__.split("\n")[0])
-    parser.add_argument("--model", default="gpt2,bert,llama",
-                        help=f"comma-separated shapes from {', '.join(FAMILIES)}")
+    parser.add_argument("--model", default="gpt2",
+                        help=f"comma-separated shapes from {', '.join(FAMILIES)}, or all")
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--seq-len", type=int, default=128)
     parser.add_argument("--prompt", type=int, default=32, help="decode: prompt tokens")
@@ -91,45 +92,58 @@ def apply_point(model, point) -> str | None:
     return None
 
 
-def measure(dense, nested, points, make_fn, seq_len, repeats, device):
-    """[(point, flops fraction or None, ratio Spread, nested seconds, dense seconds)]."""
+@dataclass
+class Row:
+    point: object  # a budget, or FLOOR
+    fraction: float | None = None  # None: below the floor
+    ratio: Spread | None = None  # paired per-round ratios nested / dense
+    best: float | None = None  # fastest nested run / fastest dense run
+    nested: Spread | None = None  # seconds
+    dense: Spread | None = None
+
+
+def measure(dense, nested, points, make_fn, seq_len, repeats, device) -> list[Row]:
     dense_run = make_fn(dense)
     rows = []
     for point in points:
         refused = apply_point(nested, point)
         if refused is not None:
-            rows.append((point, None, None, None, None))
+            print(f"  {point}: BudgetError: {refused}", flush=True)
+            rows.append(Row(point))
             continue
         fraction = flops_fraction(nested, seq_len=seq_len)
         times = interleaved({"dense": dense_run, "nested": make_fn(nested)}, repeats,
                             device=device)
-        ratio = paired_ratios(times, "dense")["nested"]
         secs = seconds(times)
-        rows.append((point, fraction, ratio, secs["nested"], secs["dense"]))
-        print(f"  measured {point}: ratio {ratio.median:.3f}", flush=True)
+        rows.append(Row(point, fraction, paired_ratios(times, "dense")["nested"],
+                        secs["nested"].min / secs["dense"].min, secs["nested"], secs["dense"]))
+        print(f"  measured {point}: ratio {rows[-1].ratio.median:.3f}", flush=True)
     return rows
 
 
-def ideal_line(rows):
-    f0, t0 = next((r[1], r[2].median) for r in rows if r[0] == FLOOR)
+def ideal_line(rows: list[Row]):
+    """Latency ratio on the straight line from (f0, t0), rank 1 everywhere, to (1, 1)."""
+    floor = next(r for r in rows if r.point == FLOOR)
+    f0, t0 = floor.fraction, floor.ratio.median
     return lambda f: t0 + (f - f0) * (1 - t0) / (1 - f0)
 
 
-def report(title, rows, unit_ms):
+def report(title: str, rows: list[Row], digits: int) -> None:
     ideal = ideal_line(rows)
     body = []
-    for point, fraction, ratio, nested_s, dense_s in rows:
-        label = point if isinstance(point, str) else f"{point:.2f}"
-        if fraction is None:
-            body.append([label, "below floor", "", "", "", "", ""])
+    for row in rows:
+        label = row.point if isinstance(row.point, str) else f"{row.point:.2f}"
+        if row.fraction is None:
+            body.append([label, "below floor", "", "", "", "", "", ""])
             continue
-        line = ideal(fraction)
-        body.append([label, f"{fraction:.3f}", f"{line:.3f}", f"{ratio.median:.3f}",
+        line, ratio = ideal(row.fraction), row.ratio
+        body.append([label, f"{row.fraction:.3f}", f"{line:.3f}", f"{ratio.median:.3f}",
                      f"{ratio.min:.3f}-{ratio.max:.3f}", f"{ratio.median - line:+.3f}",
-                     f"{nested_s.median * 1e3:.{unit_ms}f} / {dense_s.median * 1e3:.{unit_ms}f}"])
+                     f"{row.best:.3f}", f"{row.nested.median * 1e3:.{digits}f} / "
+                                        f"{row.dense.median * 1e3:.{digits}f}"])
     print(f"\n{title}")
-    print_table(["budget", "FLOPs", "ideal", "ratio", "min-max", "vs ideal", "ms nested / dense"],
-                body)
+    print_table(["budget", "FLOPs", "ideal", "ratio", "min-max", "vs ideal", "best/best",
+                 "ms nested / dense"], body)
 
 
 # ---------------------------------------------------------------- main
@@ -159,7 +173,7 @@ def run_family(family, args):
         rows = measure(dense, nested, points, lambda m: prefill_fn(m, ids), args.seq_len,
                        repeats, device)
         report(f"{family} prefill, batch {args.batch} x {args.seq_len} "
-               f"(latency ratio nested / dense)", rows, unit_ms=0)
+               f"(latency ratio nested / dense)", rows, digits=0)
     if is_decoder(family) and not args.skip_decode:
         steps = 8 if args.quick else args.new_tokens
         prompt = torch.randint(0, vocab, (1, args.prompt), generator=gen).to(device)
@@ -168,15 +182,16 @@ def run_family(family, args):
         rows = measure(dense, nested, points, lambda m: decode_fn(m, prompt, tokens, device),
                        context, repeats, device)
         report(f"{family} decode with KV cache, batch 1, prompt {args.prompt}, {steps} steps "
-               f"(per-token latency ratio; FLOPs at context {context})", rows, unit_ms=1)
+               f"(per-token latency ratio; FLOPs at context {context})", rows, digits=1)
 
 
 def main():
     args = parse_args()
     setup(args)
     print(machine_line(args.device))
-    for family in args.model.split(","):
-        run_family(family.strip(), args)
+    families = FAMILIES if args.model == "all" else [f.strip() for f in args.model.split(",")]
+    for family in families:
+        run_family(family, args)
 
 
 if __name__ == "__main__":
