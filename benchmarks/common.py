@@ -161,7 +161,8 @@ def machine_line(device: str) -> str:
     where = torch.cuda.get_device_name() if device.startswith("cuda") else (
         f"CPU, {torch.get_num_threads()} threads")
     clock = "process CPU time" if CLOCK["now"] is time.process_time else "wall time"
-    return f"torch {torch.__version__}, {where}, {clock}"
+    load = f", load average {os.getloadavg()[0]:.1f}" if hasattr(os, "getloadavg") else ""
+    return f"torch {torch.__version__}, {where}, {clock}{load}"
 
 
 def print_table(headers: list[str], rows: list[list[str]]) -> None:
