@@ -36,8 +36,8 @@ from .finetune_logs import (EVAL_FILE, METRIC_COLUMNS, METRICS_FILE, CsvLog, eva
 from .finetune_setup import CHECKPOINTS, FINETUNE_DIR, Inputs, load_inputs, validate
 from .lock import project_lock
 from .objective import RankWeights, distill_loss, ranks_for_step, task_loss, teacher_from
-from .project import (MODEL_DIR, atomic_write_text, file_record, folder_records,
-                      mark_unfinished, record_stage, staging_dir)
+from .project import (MODEL_DIR, file_record, folder_records, mark_unfinished, record_stage,
+                      staging_dir)
 from .safety import refuse_nonfinite
 
 MIN_LR_RATIO = 0.1  # cosine decays to a tenth of the peak
