@@ -120,7 +120,7 @@ class NestedLinear(nn.Module):
         params = self._parameters
         A, B, bias = params["A"], params["B"], params.get("bias")
         transient_pass = _TRANSIENT.active
-        if r > self._break_even and not transient_pass:
+        if r > self._break_even and not transient_pass and not self._factored_trains_cheaper(x, r):
             return F.linear(x, self.merged_weight(), bias)
         if transient_pass or (torch.is_grad_enabled()
                               and (x.requires_grad or A.requires_grad or B.requires_grad)):
@@ -131,6 +131,15 @@ class NestedLinear(nn.Module):
         if r % ALIGN and x.numel() >= PAD_FROM_ROWS * self.d_in:
             return self._padded_product(x, A[:r], columns, bias)
         return F.linear(F.linear(x, A[:r]), columns.t(), bias)
+
+    def _factored_trains_cheaper(self, x: torch.Tensor, r: int) -> bool:
+        """Under autograd the merge B_r A_r is rebuilt every forward (and backpropagated),
+        so the dense path costs (rows + r)·d_in·d_out, not rows·d_in·d_out: for a small
+        batch the factored form is then the cheaper one, even above break-even."""
+        if not self._needs_autograd():
+            return False
+        rows = x.numel() // x.shape[-1]
+        return rows * r * (self.d_in + self.d_out) < (rows + r) * self.d_in * self.d_out
 
     def _needs_autograd(self) -> bool:
         params = self._parameters
