@@ -7,14 +7,17 @@ model and the ORIGINAL dense model side by side (interleaved rounds, paired rati
 * prefill: one forward over a batch of 8 × 128 tokens;
 * decode: single-token steps with a KV cache (decoders only), batch 1.
 
-Columns: the FLOPs fraction the budget chose, the measured latency ratio (median over
-rounds, with min and max), and the *ideal line*: the straight line from (f0, t0), the
-FLOPs fraction and latency ratio at rank 1 everywhere, to (1, 1). Part of every forward
-does not shrink with rank (embeddings, norms, softmax, a dense LM head); the ideal line
-is the best any nested model can do given that part.
+Columns: the FLOPs fraction the budget chose; the *ideal line*, the straight line from
+(f0, t0), the FLOPs fraction and latency ratio at rank 1 everywhere, to (1, 1) (part of
+every forward does not shrink with rank: embeddings, norms, softmax, a dense LM head,
+so this line is the best any nested model can do); the latency ratio nested / dense,
+median over rounds of the ratio within each round, with its min and max; its distance
+to the ideal line; the ratio of the two fastest runs (best/best), which a busy machine
+disturbs least; and the median milliseconds of each model.
 
-    python benchmarks/inference.py                 # GPT-2 small, BERT-base, Llama ~100M
-    python benchmarks/inference.py --model gpt2 --quick
+    python benchmarks/inference.py                 # GPT-2 small, a few minutes
+    python benchmarks/inference.py --model all     # + BERT-base and a ~100M Llama
+    python benchmarks/inference.py --quick --model bert
 """
 
 from __future__ import annotations
@@ -25,8 +28,8 @@ from dataclasses import dataclass
 
 import torch
 
-from common import (FAMILIES, Spread, base_parser, build_model, interleaved, is_decoder, machine_line,
-                    now, paired_ratios, print_table, seconds, setup, synchronize)
+from common import (FAMILIES, Spread, base_parser, build_model, interleaved, is_decoder,
+                    machine_line, now, paired_ratios, print_table, seconds, setup, synchronize)
 from nsn_cli.budget import apply_ranks, flops_fraction, set_budget, settings_for
 from nsn_cli.convert import convert_model
 from nsn_cli.errors import BudgetError

@@ -59,7 +59,7 @@ def svd_factors_many(jobs: Iterable[tuple[torch.Tensor, int]], method: str = "au
     The SVDs run on as many worker threads as torch has CPU threads, each worker
     single-threaded: LAPACK's own threading gains little on matrices of this size and
     stalls badly when other processes share the cores, while independent layers
-    split across cores cleanly. At most two jobs per worker are in flight (memory).
+    split across cores cleanly. At most one job more than workers is in flight (memory).
     """
     workers = torch.get_num_threads()
     if workers <= 1:
@@ -73,7 +73,7 @@ def svd_factors_many(jobs: Iterable[tuple[torch.Tensor, int]], method: str = "au
             pending: deque = deque()
             for weight, rank in jobs:
                 pending.append(pool.submit(_svd_then_trim, weight, rank, method))
-                if len(pending) >= 2 * workers:
+                if len(pending) > workers:  # every worker busy, one job queued
                     yield pending.popleft().result()
             while pending:
                 yield pending.popleft().result()
