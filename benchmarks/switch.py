@@ -22,6 +22,7 @@ from common import (Spread, base_parser, build_model, is_decoder, machine_line, 
                     setup, time_call)
 from nsn_cli.budget import set_budget
 from nsn_cli.convert import convert_model
+from nsn_cli.errors import BudgetError
 
 SWITCHES = ((1.0, 0.75), (0.75, 0.5), (0.5, 0.4), (0.4, 1.0), (1.0, 0.9), (0.9, 1.0))
 QUICK_SWITCHES = ((1.0, 0.5), (0.5, 1.0), (1.0, 0.9))
@@ -68,7 +69,12 @@ def one_switch(model, start, target, forward, device):
 def measure(model, forward, switches, repeats, device):
     rows = []
     for start, target in switches:
-        runs = [one_switch(model, start, target, forward, device) for _ in range(repeats)]
+        try:
+            runs = [one_switch(model, start, target, forward, device) for _ in range(repeats)]
+        except BudgetError as exc:  # a budget below this model's floor: say so, go on
+            rows.append([f"{start:g} -> {target:g}", "below floor", "", "", "", "", ""])
+            print(f"  {start:g} -> {target:g}: {exc}", flush=True)
+            continue
         choose = Spread.of([c / w for c, _, w in runs])
         total = Spread.of([(c + e) / w for c, e, w in runs])
         rows.append([f"{start:g} -> {target:g}",

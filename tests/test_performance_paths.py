@@ -263,3 +263,34 @@ def test_nesting_the_head_lowers_the_floor_as_the_message_says():
     wider = build_tiny("llama")
     convert_model(wider, targets=r"layers\.\d+\.|lm_head")
     assert floor_of(wider) == pytest.approx(promised, abs=1e-3)
+
+
+# ---------------------------------------------------------------- benchmark arithmetic
+
+def test_benchmark_rounds_interleave_and_ratios_pair_within_a_round():
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    from common import Spread, interleaved, paired_ratios
+    from inference import FLOOR, Row, ideal_line
+
+    calls = []
+    slow_rounds = iter([1.0, 1.0, 10.0, 10.0, 2.0, 2.0])  # the machine slows in round 2
+
+    def candidate(name, scale):
+        def run():
+            calls.append(name)
+            return next(slow_rounds) * scale  # a float: the call timed itself
+        return run
+
+    times = interleaved({"dense": candidate("dense", 1.0), "nested": candidate("nested", 0.5)},
+                        repeats=3, warmup=0)
+    assert calls == ["dense", "nested", "nested", "dense", "dense", "nested"]  # rotating order
+    ratios = paired_ratios(times, "dense")["nested"]
+    assert (ratios.median, ratios.min, ratios.max) == (0.5, 0.5, 0.5)  # drift cancels
+
+    rows = [Row(FLOOR, 0.3, Spread(0.5, 0.4, 0.6)), Row(0.5), Row(1.0, 1.0, Spread(1, 1, 1))]
+    ideal = ideal_line(rows)
+    assert ideal(0.3) == pytest.approx(0.5) and ideal(1.0) == pytest.approx(1.0)
+    assert ideal(0.65) == pytest.approx(0.75)
