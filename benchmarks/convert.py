@@ -32,6 +32,9 @@ from pathlib import Path
 from common import Spread, build_model, param_bytes, print_table
 
 ROOT = Path(__file__).resolve().parents[1]
+# The environment the converting process gets, taken before anything here can change it:
+# importing the test suite's conftest (for its tokenizer) pins OMP_NUM_THREADS=1.
+CHILD_ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
 
 # The child: the convert stage exactly as `nsn convert` runs it, with timestamps.
 CHILD = r"""
@@ -114,17 +117,13 @@ def run_once(source: Path, work: Path, index: int, threads: int | None) -> dict:
         cmd.append(str(threads))
     start = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT,
-                          env={**_env(), "PYTHONPATH": str(ROOT)})
+                          env={**CHILD_ENV, "PYTHONPATH": str(ROOT)})
     total = time.perf_counter() - start
     if proc.returncode != 0:
         raise SystemExit(f"convert failed:\n{proc.stderr[-2000:]}")
     marks = json.loads(proc.stdout.strip().splitlines()[-1])
     marks["process"] = total
     return marks
-
-
-def _env() -> dict:
-    return {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
 
 
 def report(runs: list[dict], size: int, load: tuple[float, float]) -> None:

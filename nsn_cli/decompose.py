@@ -11,14 +11,13 @@ prefix r is the best rank-r approximation of W (Eckart–Young).
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
-import functools
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from typing import Iterable, Iterator
 
 import torch
+
+from .memory import trim_heap
 
 METHODS = ("auto", "exact", "randomized")
 # Randomized SVD pays off only when far fewer components than min(d_in, d_out) are kept.
@@ -83,26 +82,8 @@ def svd_factors_many(jobs: Iterable[tuple[torch.Tensor, int]], method: str = "au
 
 def _svd_then_trim(weight: torch.Tensor, rank: int, method: str):
     factors = svd_factors(weight, rank, method)
-    _trim_heap()
+    trim_heap()  # LAPACK's workspaces were freed on this worker's own heap
     return factors
-
-
-@functools.lru_cache(maxsize=1)
-def _malloc_trim():
-    """glibc's malloc_trim, or None on other C libraries."""
-    try:
-        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
-    except (OSError, AttributeError):
-        return None
-
-
-def _trim_heap() -> None:
-    """Return memory freed on this thread to the OS. glibc gives each worker thread
-    its own heap and keeps what LAPACK's workspaces freed there: without this,
-    converting GPT-2 small on two workers peaks about 200 MB higher."""
-    trim = _malloc_trim()
-    if trim is not None:
-        trim(0)
 
 
 def use_randomized(method: str, max_rank: int, full: int) -> bool:

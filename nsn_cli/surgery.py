@@ -17,6 +17,7 @@ from torch import nn
 
 from .decompose import svd_factors_many
 from .errors import UsageError
+from .memory import release_pages
 from .nested import NestedLinear
 
 PRESETS = ("all", "attn", "mlp")
@@ -151,6 +152,7 @@ def nest_model(model: nn.Module, specs: list[ModuleSpec], method: str = "auto",
         else:
             A, B = factor_fn(spec.name, dense_weight(layers[spec.name]), spec.max_rank)
         old = layers.pop(spec.name)  # no reference kept: each dense weight is freed in turn
+        release_pages(old.weight)  # a memory-mapped source weight would stay resident
         new = NestedLinear.from_factors(A, B, old.bias, dtype=old.weight.dtype)
         new.train(old.training)
         replace_module(model, spec.name, new)
