@@ -141,11 +141,13 @@ def token_rows(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
 
 def calibration_batches(data: str, tokenizer, task: str, samples: int = DEFAULT_SAMPLES,
                         seq_len: int = DEFAULT_SEQ_LEN, batch_size: int = BATCH_SIZE,
-                        text_column: str = "text") -> list[dict]:
+                        text_column: str = "text", vocab_size: int | None = None
+                        ) -> list[dict]:
     """The first `samples` rows (or LM blocks) of DATA's train split, as padded batches.
 
     Uses nsn_cli.data, so DATA is anything `--data` accepts. For a classifier the
     labels are read too (they must be valid) but only the inputs reach the model.
+    `vocab_size` (the model's embedding rows) makes ids past the embedding a DataError.
     """
     from .data import DataSpec, load_task_data, pad_batch
 
@@ -154,7 +156,7 @@ def calibration_batches(data: str, tokenizer, task: str, samples: int = DEFAULT_
     # A causal LM calibrates on text alone: a label column in the data is ignored.
     spec = DataSpec(data=data, text_column=text_column,
                     label_column="label" if task == "seq-cls" else "")
-    rows = load_task_data(spec, tokenizer, task, seq_len).train
+    rows = load_task_data(spec, tokenizer, task, seq_len, vocab_size).train
     rows = rows.select(range(min(samples, len(rows))))
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     batches = []

@@ -87,8 +87,9 @@ def convert(cfg: ConvertConfig, on_start: Callable[[int], None] | None = None,
     if cfg.calib:
         from .calibrate import calibration_batches
 
-        batches = calibration_batches(cfg.calib, tokenizer, task, cfg.calib_samples,
-                                      cfg.calib_seq_len)
+        batches = calibration_batches(
+            cfg.calib, tokenizer, task, cfg.calib_samples, cfg.calib_seq_len,
+            vocab_size=model.get_input_embeddings().num_embeddings)
     if on_start is not None:
         on_start(len(specs))
     convert_model(model, cfg.targets, cfg.max_rank, cfg.max_rank_fraction, cfg.svd,

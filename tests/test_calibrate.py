@@ -181,3 +181,25 @@ def test_nest_activation_aware_in_groups_matches_one_group():
     assert set(energies) == {s.name for s in specs}
     for name, layer in nested_layers(one).items():
         torch.testing.assert_close(layer.A, nested_layers(many)[name].A, atol=1e-4, rtol=1e-3)
+
+
+def test_calibration_data_past_the_embedding_is_one_line_and_writes_nothing(tmp_path,
+                                                                          tokenizer):
+    """A tokenizer larger than the model's embedding: a DataError, not an IndexError."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+    from typer.testing import CliRunner
+
+    from nsn_cli.cli import app
+
+    torch.manual_seed(0)
+    small = GPT2LMHeadModel(GPT2Config(vocab_size=64, n_embd=16, n_layer=1, n_head=2,
+                                       n_positions=64, eos_token_id=3, bos_token_id=2))
+    small.save_pretrained(tmp_path / "src")
+    tokenizer.save_pretrained(tmp_path / "src")
+    result = CliRunner().invoke(app, ["convert", str(tmp_path / "src"), str(tmp_path / "out"),
+                                      "--calib", str(DATA / "tiny.txt")])
+    assert result.exit_code != 0
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "model embeds only 64 tokens" in lines[0], result.stderr
+    assert not (tmp_path / "out").exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
