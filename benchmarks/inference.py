@@ -49,6 +49,8 @@ def parse_args():
     parser.add_argument("--new-tokens", type=int, default=32, help="decode: steps timed")
     parser.add_argument("--skip-decode", action="store_true")
     parser.add_argument("--skip-prefill", action="store_true")
+    parser.add_argument("--nest-head", action="store_true",
+                        help="nest the LM head too (a copy when tied), as convert --nest-head")
     parser.add_argument("--budgets", default=None,
                         help="comma-separated budgets (default 0.1 … 1.0)")
     return parser.parse_args()
@@ -165,7 +167,7 @@ def run_family(family, args):
     dense = build_model(family).to(device)
     nested = copy.deepcopy(dense)
     start = time.perf_counter()
-    convert_model(nested)
+    convert_model(nested, nest_head=args.nest_head and is_decoder(family))
     print(f"\n== {family}: {sum(p.numel() for p in dense.parameters()) / 1e6:.0f}M parameters, "
           f"converted in {time.perf_counter() - start:.1f} s", flush=True)
     points = points_for(args)

@@ -237,15 +237,16 @@ def floor_message(model: nn.Module, table: CostTable, floor: float, budget: floa
     if attention >= share:
         text += "; attention grows with the sequence: the floor is lower for shorter ones"
     if share >= 0.01:
+        d_in, d_out, per_seq = table.dense[name]
+        lower = floor - share + 2 * (d_in + d_out) / (seq_len if per_seq else 1) / dense
         shared_with = weight_sharers(model, name)
         if shared_with:
             text += (f"; the largest, {name} ({share:.3f}), shares its weight with "
-                     f"{shared_with[0]} and cannot be nested")
+                     f"{shared_with[0]}: convert with --nest-head to nest a copy of it and "
+                     f"lower the floor to about {lower:.3f}")
         else:
-            d_in, d_out, per_seq = table.dense[name]
-            rank_one = 2 * (d_in + d_out) / (seq_len if per_seq else 1) / dense
             text += (f"; nesting the largest, {name} ({share:.3f}), with --targets would lower "
-                     f"the floor to about {floor - share + rank_one:.3f}")
+                     f"the floor to about {lower:.3f}")
     return f"{text}; ask for at least {floor:.3f}"
 
 

@@ -97,6 +97,7 @@ def convert(
     out_dir: Path = typer.Argument(..., help=_h(ConvertConfig, "out_dir")),
     task: Optional[str] = typer.Option(None, help=_h(ConvertConfig, "task")),
     targets: str = typer.Option("all", help=_h(ConvertConfig, "targets")),
+    nest_head: bool = typer.Option(False, help=_h(ConvertConfig, "nest_head")),
     max_rank: Optional[int] = typer.Option(None, help=_h(ConvertConfig, "max_rank")),
     max_rank_fraction: Optional[float] = typer.Option(None, help=_h(ConvertConfig, "max_rank_fraction")),
     svd: str = typer.Option("auto", help=_h(ConvertConfig, "svd")),
@@ -114,6 +115,7 @@ def convert(
     from . import stages
 
     cfg = ConvertConfig(model=model, out_dir=str(out_dir), task=task, targets=targets,
+                        nest_head=nest_head,
                         max_rank=max_rank, max_rank_fraction=max_rank_fraction, svd=svd,
                         calib=calib, calib_samples=calib_samples, calib_seq_len=calib_seq_len,
                         allocation=allocation,

@@ -24,6 +24,10 @@ class ConvertConfig:
     task: str | None = opt(None, "causal-lm or seq-cls; guessed from the model when omitted.")
     targets: str = opt("all", "Layers to nest: all (every linear in the blocks), attn, mlp, "
                               "or a regex on module names.")
+    nest_head: bool = opt(False, "Nest the LM head too; a head tied to the input embedding "
+                                 "gets its own copy (vocab × hidden more parameters). Lowers "
+                                 "the budget floor of models whose head is a large share "
+                                 "of FLOPs, such as GPT-2.")
     max_rank: int | None = opt(None, "Cap on R, the largest rank kept per layer.")
     max_rank_fraction: float | None = opt(None, "Cap on R as a fraction of min(d_in, d_out).")
     svd: str = opt("auto", "SVD method: auto, exact or randomized.")

@@ -17,7 +17,7 @@ from .errors import UsageError
 from .loading import TASKS, load_source, save_model
 from .project import (MODEL_DIR, ensure_empty_target, file_record, folder_records,
                       staging_dir, write_manifest)
-from .surgery import ModuleSpec, nest_model, plan
+from .surgery import ModuleSpec, nest_model, plan, untie_head
 
 
 @dataclass
@@ -52,16 +52,19 @@ def convert_model(model: nn.Module, targets: str = "all", max_rank: int | None =
                   max_rank_fraction: float | None = None, svd: str = "auto",
                   factor_fn=None, on_layer: Callable | None = None,
                   calib_batches: list[dict] | None = None,
-                  allocation: str = "auto") -> list[ModuleSpec]:
+                  allocation: str = "auto", nest_head: bool = False) -> list[ModuleSpec]:
     """Nest `model`'s target layers in place (the library entry point); returns the specs.
 
     With `calib_batches` (dicts of input_ids / attention_mask) layers are factored by
     activation-aware SVD; `allocation="global"` attaches a nested global ordering that
     `set_budget` then follows ("auto": global when calibrated, else uniform).
+    `nest_head` nests the LM head too, giving it its own copy of a tied embedding.
     """
     from .calibrate import iterate, nest_activation_aware
 
-    specs = plan(model, targets, max_rank, max_rank_fraction)
+    if nest_head:
+        untie_head(model)
+    specs = plan(model, targets, max_rank, max_rank_fraction, nest_head)
     energies = None
     if calib_batches is not None:
         energies = nest_activation_aware(model, specs, iterate(calib_batches), on_layer=on_layer)
@@ -79,8 +82,10 @@ def convert(cfg: ConvertConfig, on_start: Callable[[int], None] | None = None,
     validate(cfg)
     model, tokenizer, task, source = load_source(cfg.model, cfg.task, cfg.revision,
                                                  cfg.trust_remote_code, cfg.num_labels)
-    specs = plan(model, cfg.targets, cfg.max_rank, cfg.max_rank_fraction)
-    before = model_stats(model)
+    before = model_stats(model)  # the source model: counted before any untying
+    if cfg.nest_head:
+        untie_head(model)
+    specs = plan(model, cfg.targets, cfg.max_rank, cfg.max_rank_fraction, cfg.nest_head)
     if cfg.dry_run:
         return ConvertResult(specs, {"layers": len(specs), **before}, None)
     batches = None
@@ -93,11 +98,12 @@ def convert(cfg: ConvertConfig, on_start: Callable[[int], None] | None = None,
     if on_start is not None:
         on_start(len(specs))
     convert_model(model, cfg.targets, cfg.max_rank, cfg.max_rank_fraction, cfg.svd,
-                  on_layer=on_layer, calib_batches=batches, allocation=cfg.allocation)
+                  on_layer=on_layer, calib_batches=batches, allocation=cfg.allocation,
+                  nest_head=cfg.nest_head)
     allocation = resolve_allocation(cfg.allocation, batches is not None)
     summary = {"layers": len(specs), **before, **nested_stats(model)}
     out = Path(cfg.out_dir)
-    with staging_dir(out) as tmp:
+    with staging_dir(out, replace=cfg.force) as tmp:
         save_model(model, tokenizer, tmp / MODEL_DIR)
         outputs = folder_records(tmp / MODEL_DIR, tmp)
         allocation = {"method": allocation}

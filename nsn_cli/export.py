@@ -160,7 +160,7 @@ def export(cfg: ExportConfig) -> ExportResult:
     seq_len = cfg.seq_len or default_seq_len(manifest)
     chosen = apply_setting(model, cfg.budget, cfg.rank_fraction, seq_len)
     dest = Path(cfg.dest)
-    with staging_dir(dest) as tmp:
+    with staging_dir(dest, replace=cfg.force) as tmp:
         if cfg.format == "merged":
             params = write_merged(model, tokenizer, tmp, cfg, chosen)
         else:

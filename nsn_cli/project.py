@@ -15,6 +15,9 @@ the newest record of a path is the one that counts (`integrity.current_records`)
 from __future__ import annotations
 
 import contextlib
+import errno
+import fcntl
+import glob
 import hashlib
 import json
 import os
@@ -74,21 +77,72 @@ def atomic_write_json(path: Path, obj: Any) -> None:
 
 
 @contextlib.contextmanager
-def staging_dir(final: Path) -> Iterator[Path]:
+def staging_dir(final: Path, replace: bool = True) -> Iterator[Path]:
     """Yield a sibling temp directory; on success it replaces `final` in one rename.
 
+    With `replace=False` the rename only succeeds if `final` is still missing or empty:
+    a directory that another process filled meanwhile is a ProjectError, not overwritten.
+
     A crash leaves only a hidden `.NAME.partial-*` directory, never a `final` that
-    claims to be complete.
+    claims to be complete. The writer holds an flock on its staging directory until
+    the rename is done; the kernel drops it when the writer dies, which is how the
+    next writer of `final` tells a dead writer's debris (removed) from a live one's.
     """
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}.partial-"))
+    remove_dead_staging(final)
+    # Made under another name and locked before it takes the name a sweeper looks for.
+    fresh = tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}.new-")
+    guard = os.open(fresh, os.O_RDONLY)
+    fcntl.flock(guard, fcntl.LOCK_EX)
+    tmp = final.parent / f"{staging_prefix(final)}{Path(fresh).name.rpartition('-')[2]}"
     try:
+        os.rename(fresh, tmp)
         yield tmp
-        replace_dir(tmp, final)
+        if replace:
+            replace_dir(tmp, final)
+        else:
+            claim_dir(tmp, final)
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        for leftover in (tmp, fresh):
+            shutil.rmtree(leftover, ignore_errors=True)
         raise
+    finally:
+        os.close(guard)  # after the rename: a sweeper never sees this one unlocked
+
+
+def staging_prefix(final: Path) -> str:
+    return f".{final.name}.partial-"
+
+
+def remove_dead_staging(final: Path) -> None:
+    """Delete `final`'s staging directories whose writer has died (killed, OOM)."""
+    for child in final.parent.glob(f"{glob.escape(staging_prefix(final))}*"):
+        if child.is_symlink() or not child.is_dir():
+            continue
+        try:
+            fd = os.open(child, os.O_RDONLY)
+        except OSError:  # gone already: a live writer has just renamed it into place
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:  # a live writer holds it
+            continue
+        else:  # by path: if it was renamed meanwhile, there is nothing left to remove
+            shutil.rmtree(child, ignore_errors=True)
+        finally:
+            os.close(fd)
+
+
+def claim_dir(src: Path, dst: Path) -> None:
+    """Rename `src` to `dst` unless `dst` holds something (one atomic rename)."""
+    try:
+        os.rename(src, dst)  # replaces an empty directory, refuses a non-empty one
+    except OSError as exc:
+        if exc.errno not in (errno.ENOTEMPTY, errno.EEXIST, errno.ENOTDIR):
+            raise
+        raise ProjectError(f"{dst} was written by another process while this one ran; "
+                           "it was left as it is and nothing of this run was kept") from None
 
 
 def replace_dir(src: Path, dst: Path) -> None:

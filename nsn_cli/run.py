@@ -119,7 +119,10 @@ def run_stage(recipe: Recipe, project: Path, stage: str, config, digest: str, ho
     from .lock import project_lock
 
     if stage == "convert":
-        config.force = True  # replacing our own project (check_target vetted it)
+        # Replace our own project (check_target vetted it); a missing or empty DIR is only
+        # claimed, so of two runs racing to create it the second fails instead of
+        # swapping the first one's project out from under it.
+        config.force = project.is_dir() and any(project.iterdir())
         outcome = fn(config)
         note_recipe(project, recipe, stage, digest, "stages")
         return outcome

@@ -141,3 +141,44 @@ def test_help_is_fast_and_lazy():
     subprocess.run([sys.executable, "-m", "nsn_cli", "--help"], capture_output=True, check=True,
                    env={**os.environ, "COLUMNS": "100"})
     assert time.perf_counter() - start < 3.0  # interpreter start included
+
+
+def test_nest_head_unties_gpt2_and_reaches_below_the_tied_floor(tiny_models, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from nsn_cli import set_budget
+    from nsn_cli.config import ExportConfig
+    from nsn_cli.errors import BudgetError
+    from nsn_cli.export import export
+    from nsn_cli.surgery import nested_layers
+
+    out = tmp_path / "p"
+    result = runner.invoke(app, ["convert", str(tiny_models["gpt2"]), str(out), "--nest-head"])
+    assert result.exit_code == 0, result.output
+    manifest = json.loads((out / "nsn.json").read_text())
+    assert "lm_head" in {m["name"] for m in manifest["modules"]}
+    assert json.loads((out / "model" / "config.json").read_text())["tie_word_embeddings"] is False
+    model, _ = load(out)
+    assert "lm_head" in nested_layers(model)
+    assert model.lm_head.A.data_ptr() != model.transformer.wte.weight.data_ptr()
+    source = build_tiny("gpt2")
+    ids = sample_ids()
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, source(ids).logits, atol=1e-4, rtol=0)
+    tied, _ = load(converted_plain(tiny_models, tmp_path))
+    with pytest.raises(BudgetError):
+        set_budget(tied, 0.3, seq_len=16)
+    choice = set_budget(model, 0.3, seq_len=16)  # below the tied model's floor
+    assert choice.flops_fraction <= 0.3
+    dest = tmp_path / "merged"
+    export(ExportConfig(project=str(out), dest=str(dest), budget=0.3, format="merged",
+                        seq_len=16))
+    merged = AutoModelForCausalLM.from_pretrained(dest).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(merged(ids).logits, model(ids).logits, atol=1e-4, rtol=0)
+
+
+def converted_plain(tiny_models, tmp_path):
+    out = tmp_path / "plain"
+    assert runner.invoke(app, ["convert", str(tiny_models["gpt2"]), str(out)]).exit_code == 0
+    return out

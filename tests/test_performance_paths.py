@@ -246,22 +246,28 @@ def test_below_floor_names_the_floor_and_the_way_down(family):
     assert f"floor of {floor:.3f}" in message and f"at least {floor:.3f}" in message
     assert {n: m.rank for n, m in nested_layers(model).items()} == before  # nothing applied
     set_budget(model, floor + 1e-9)  # the floor itself is reachable
-    if family == "gpt2":  # tied to the embeddings: no way to nest it
+    if family == "gpt2":  # tied to the embeddings: nesting a copy is the way down
         assert "lm_head" in message and "transformer.wte.weight" in message
-        assert "cannot be nested" in message
+        assert "convert with --nest-head" in message
     elif family == "llama":  # untied head: nesting it is the way down
         assert "nesting the largest, lm_head" in message
     else:  # BERT's fixed part is attention
         assert "attention grows with the sequence" in message
 
 
-def test_nesting_the_head_lowers_the_floor_as_the_message_says():
-    model = nested_model("llama")
+@pytest.mark.parametrize("family,how", [("llama", "targets"), ("llama", "nest_head"),
+                                        ("gpt2", "nest_head")])
+def test_nesting_the_head_lowers_the_floor_as_the_message_says(family, how):
+    model = nested_model(family)
     with pytest.raises(BudgetError) as info:
         set_budget(model, 0.01)
     promised = float(str(info.value).split("lower the floor to about ")[1].split(";")[0])
-    wider = build_tiny("llama")
-    convert_model(wider, targets=r"layers\.\d+\.|lm_head")
+    wider = build_tiny(family)
+    if how == "targets":
+        convert_model(wider, targets=r"layers\.\d+\.|lm_head")
+    else:
+        convert_model(wider, nest_head=True)
+    assert "lm_head" in nested_layers(wider)
     assert floor_of(wider) == pytest.approx(promised, abs=1e-3)
 
 

@@ -408,3 +408,72 @@ def test_a_stopped_second_finetune_explains_its_changed_logs(project, monkeypatc
     one_error_line(runner.invoke(app, ["verify", str(project)]), "finetune/",
                    "`nsn finetune` was stopped while writing its results")
     load(project)  # model/ was never touched: the model still loads
+
+
+STAGING_WRITER = textwrap.dedent("""
+    import os, sys
+    from pathlib import Path
+    from nsn_cli.project import staging_dir
+    with staging_dir(Path(sys.argv[1])) as tmp:
+        (tmp / "half.bin").write_bytes(b"x" * 1000)
+        print(tmp.name, flush=True)
+        if sys.argv[2] == "die":
+            os._exit(9)  # as if killed: no cleanup runs
+        sys.stdin.readline()  # alive until told to finish
+""")
+
+
+def staging_writer(final, mode):
+    return subprocess.Popen([sys.executable, "-c", STAGING_WRITER, str(final), mode],
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+
+
+def test_a_dead_writers_staging_dir_is_removed_by_the_next_writer(tmp_path):
+    from nsn_cli.project import staging_dir
+
+    final = tmp_path / "out"
+    dead = staging_writer(final, "die")
+    orphan = tmp_path / dead.stdout.readline().strip()
+    dead.wait(timeout=60)
+    assert orphan.is_dir() and orphan.name.startswith(".out.partial-")
+    (tmp_path / ".other.partial-abc").mkdir()  # another target's: not ours to judge
+    with staging_dir(final) as tmp:
+        (tmp / "done.txt").write_text("ok")
+    assert not orphan.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".other.partial-abc", "out"]
+
+
+def test_a_live_writers_staging_dir_is_left_alone(tmp_path):
+    from nsn_cli.project import staging_dir
+
+    final = tmp_path / "out"
+    live = staging_writer(final, "live")
+    theirs = tmp_path / live.stdout.readline().strip()
+    with staging_dir(tmp_path / "out") as tmp:
+        assert theirs.is_dir() and (theirs / "half.bin").is_file()
+        (tmp / "mine.txt").write_text("mine")
+    assert theirs.is_dir()  # still being written
+    live.communicate("go\n", timeout=60)
+    assert live.returncode == 0
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["half.bin"]  # theirs won
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+def test_a_convert_whose_target_was_filled_meanwhile_keeps_nothing(tiny_models, tmp_path):
+    """Two converts racing to create one DIR: the second to finish must not replace it."""
+    from nsn_cli.config import ConvertConfig
+    from nsn_cli.convert import convert
+
+    out = tmp_path / "p"
+
+    def someone_else_finishes_first(count):
+        out.mkdir()
+        (out / "theirs.txt").write_text("theirs")
+
+    with pytest.raises(ProjectError, match="written by another process"):
+        convert(ConvertConfig(model=str(tiny_models["bert"]), out_dir=str(out)),
+                on_start=someone_else_finishes_first)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["p"]
+    assert sorted(p.name for p in out.iterdir()) == ["theirs.txt"]
+    convert(ConvertConfig(model=str(tiny_models["bert"]), out_dir=str(out), force=True))
+    assert (out / "nsn.json").is_file() and not (out / "theirs.txt").exists()
