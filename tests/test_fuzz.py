@@ -7,6 +7,7 @@ unchanged. The default runs are small; `-m slow` runs the same properties much l
 """
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -394,7 +395,12 @@ def cli_property(cli_world, args):
     root, pristine, paths = cli_world
     args = [a.format(**paths) if a in PATHS else a for a in args]
     before = snapshot(root)
-    result = runner.invoke(app, args)
+    here = os.getcwd()
+    os.chdir(root)  # a relative path among the arguments ("inf") lands in the world
+    try:
+        result = runner.invoke(app, args)
+    finally:
+        os.chdir(here)
     event(f"{args[0]}: " + " ".join(result.stderr.split()[2:5]) if result.exit_code else "ok")
     if not check_outcome(result) or args[0] != "convert":
         assert snapshot(root) == before
