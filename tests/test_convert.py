@@ -96,6 +96,8 @@ def snapshot(path):
     (["convert", "{gpt2}", "{out}", "--max-rank-fraction", "2"], "--max-rank-fraction"),
     (["convert", "{gpt2}", "{out}", "--task", "translation"], "--task"),
     (["convert", "{gpt2}", "{full}"], "not empty"),
+    (["convert", "{bert}", "{out}", "--nest-head"], "no linear output layer"),
+    (["convert", "{gpt2}", "{out}", "--targets", "lm_head"], "or pass --nest-head"),
     (["info", "{missing}"], "does not exist"),
     (["info", "{corrupt}"], "corrupt"),
     (["info", "{newer}"], "newer than this nsn"),
@@ -111,6 +113,7 @@ def test_bad_input_one_line_nonzero_nothing_written(tiny_models, tmp_path, args,
     newer.mkdir()
     (newer / "nsn.json").write_text(json.dumps({"schema_version": 99}))
     paths = {"missing": tmp_path / "nope", "out": tmp_path / "out", "gpt2": tiny_models["gpt2"],
+             "bert": tiny_models["bert"],
              "full": full, "corrupt": corrupt, "newer": newer}
     before = snapshot(tmp_path)
     result = runner.invoke(app, [a.format(**paths) for a in args])
