@@ -121,6 +121,18 @@ def test_floor_budgets_are_skipped_and_duplicates_measured_once(gpt2_profile):
     assert set(half["ranks"]) == set(layers)
 
 
+def test_skipped_budgets_are_reported_with_their_floor(gpt2_profile):
+    from rich.console import Console
+
+    from nsn_cli.curve_report import print_profile
+
+    console = Console(record=True, width=300)
+    print_profile(console, gpt2_profile[1])
+    line = next(l for l in console.export_text().splitlines() if l.startswith("Skipped"))
+    assert line.startswith("Skipped budgets 0.01: below this model's floor of 0.")
+    assert line.endswith("of dense FLOPs/token at seq_len 32.")
+
+
 def test_outputs_columns_and_run_record(gpt2_profile):
     project, result = gpt2_profile
     folder = project / "profile"
