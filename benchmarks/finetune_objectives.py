@@ -17,8 +17,6 @@ from __future__ import annotations
 import json
 import statistics
 import sys
-import tempfile
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -32,25 +30,9 @@ LADDER = (0.0625, 0.125, 0.25, 0.5, 1.0)
 
 
 def score(model, batches, task: str, labels) -> dict[str, float]:
-    """Accuracy % and the mean NLL of the true class (which still moves when accuracy
-    saturates on a small held-out set), or perplexity for a causal LM."""
-    import torch
-
-    from nsn_cli.evaluate import evaluate, label_mapping
-
-    if task == "causal-lm":
-        return {"perplexity": evaluate(model, batches, task).metrics["perplexity"]}
-    mapping = label_mapping(model, labels)
-    accuracy = evaluate(model, batches, task, mapping).metrics["accuracy"] * 100
-    nll, rows = 0.0, 0
-    with torch.no_grad():
-        for batch in batches:
-            logits = model(input_ids=batch["input_ids"],
-                           attention_mask=batch["attention_mask"]).logits
-            target = batch["labels"] if mapping is None else mapping[batch["labels"]]
-            nll += float(torch.nn.functional.cross_entropy(logits, target, reduction="sum"))
-            rows += len(target)
-    return {"accuracy": accuracy, "nll": nll / rows}
+    """quality.score as a dict: accuracy % and mean NLL, or perplexity for a causal LM."""
+    value, nll = quality.score(model, batches, task, labels)
+    return {"perplexity": value} if task == "causal-lm" else {"accuracy": value, "nll": nll}
 
 
 def measure(project: Path, batches, task: str, labels) -> dict[float, dict]:
@@ -149,15 +131,10 @@ def main() -> None:
     args.seeds = [int(s) for s in args.seeds.split(",")]
     args.ft_steps = args.ft_steps or (20 if args.quick else 150)
     args.lm_steps = args.lm_steps or (60 if args.quick else 600)
-    from nsn_cli.loading import quiet_transformers
-
-    quiet_transformers()
-    start = time.perf_counter()
-    with tempfile.TemporaryDirectory(prefix="nsn-objectives-") as tmp:
-        tables = [run_setup(name, Path(tmp), args) for name in args.setups.split(",")]
+    tables, seconds = quality.run_setups(args, run_setup, "nsn-objectives-")
     print("\n\n".join(tables))
     print(f"\n({args.ft_steps} finetune steps per run, seeds {args.seeds}, mean over seeds; "
-          f"{time.perf_counter() - start:.0f} s)")
+          f"{seconds:.0f} s)")
 
 
 if __name__ == "__main__":

@@ -296,15 +296,22 @@ def main() -> None:
         args.ft_steps = 20 if args.quick else 100
     if args.lm_steps is None:
         args.lm_steps = 60 if args.quick else 300
+    tables, seconds = run_setups(args, run_setup, "nsn-quality-")
+    print("\n\n".join(tables))
+    print(f"\n(budgets are fractions of the dense model's FLOPs/token at seq_len 128; "
+          f"{args.ft_steps} finetune steps per method; {seconds:.0f} s)")
+
+
+def run_setups(args, run_one, prefix: str) -> tuple[list[str], float]:
+    """`run_one(name, scratch, args)` for each of --setups in one scratch directory:
+    their tables and the seconds it all took."""
     from nsn_cli.loading import quiet_transformers
 
     quiet_transformers()
     start = time.perf_counter()
-    with tempfile.TemporaryDirectory(prefix="nsn-quality-") as tmp:
-        tables = [run_setup(name, Path(tmp), args) for name in args.setups.split(",")]
-    print("\n\n".join(tables))
-    print(f"\n(budgets are fractions of the dense model's FLOPs/token at seq_len 128; "
-          f"{args.ft_steps} finetune steps per method; {time.perf_counter() - start:.0f} s)")
+    with tempfile.TemporaryDirectory(prefix=prefix) as tmp:
+        tables = [run_one(name, Path(tmp), args) for name in args.setups.split(",")]
+    return tables, time.perf_counter() - start
 
 
 if __name__ == "__main__":
