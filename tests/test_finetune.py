@@ -323,6 +323,27 @@ def test_global_allocation_ladder_and_resume(tiny_models, tmp_path):
     assert result.resumed_from == 4
 
 
+def test_a_nested_head_trains_and_keeps_the_low_budget(tiny_models, tmp_path):
+    """With --nest-head the head's factors train too, and a budget below the tied
+    model's floor stays reachable after finetune and reload."""
+    from nsn_cli import set_budget
+    from nsn_cli.config import ConvertConfig
+    from nsn_cli.convert import convert
+    from nsn_cli.surgery import nested_layers
+
+    project = tmp_path / "head"
+    convert(ConvertConfig(model=str(tiny_models["gpt2"]), out_dir=str(project), nest_head=True))
+    before = load(project)[0].lm_head.A.detach().clone()
+    result = run(project, steps=12)
+    model, _ = load(project)
+    assert "lm_head" in nested_layers(model)
+    assert not torch.equal(model.lm_head.A, before)  # the head's factors were trained
+    assert model.lm_head.A.data_ptr() != model.transformer.wte.weight.data_ptr()
+    rows = {r["fraction"]: r for r in result.summary["ranks"]}
+    assert rows[0.0625]["after"]["nll"] < rows[0.0625]["before"]["nll"]
+    assert set_budget(model, 0.3, seq_len=32).flops_fraction <= 0.3
+
+
 # ---------------------------------------------------------------- classification
 
 def write_labels(path, relabel):
