@@ -12,7 +12,7 @@ import contextlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .errors import DataError
+from .errors import DataError, shown
 from .safety import check_json_columns
 
 # alias -> (hub path, config name, text column)
@@ -144,7 +144,8 @@ def sample_rows(split, count: int, seed: int):
 def require_column(split, column: str, what: str, spec: DataSpec) -> None:
     if column not in split.column_names:
         raise DataError(f"data {spec.data!r} has no {what} column {column!r} "
-                        f"(columns: {', '.join(split.column_names)}; see --{what}-column)")
+                        f"(columns: {', '.join(map(shown, split.column_names))}; "
+                        f"see --{what}-column)")
 
 
 def load_task_data(spec: DataSpec, tokenizer, task: str, seq_len: int,
@@ -230,8 +231,8 @@ def encode_for_classification(raw, spec: DataSpec, tokenizer, seq_len: int) -> T
     index = {v: i for i, v in enumerate(names)}
     unseen = sorted({str(v) for v in raw["eval"][spec.label_column]} - {str(v) for v in names})
     if unseen:
-        raise DataError(f"held-out labels {', '.join(unseen[:5])} never occur in the training "
-                        f"split of {spec.data!r}")
+        raise DataError(f"held-out labels {', '.join(map(shown, unseen[:5]))} never occur in "
+                        f"the training split of {spec.data!r}")
 
     def encode(batch):
         enc = tokenizer(clean_texts(batch[spec.text_column]), truncation=True,

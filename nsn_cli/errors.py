@@ -2,9 +2,20 @@
 
 
 class NsnError(Exception):
-    """A problem the user can fix; its message is the whole explanation."""
+    """A problem the user can fix; its message is the whole explanation, on one line."""
 
     exit_code = 1
+
+    def __init__(self, message: str = ""):
+        # Messages quote the user's data (labels, column names) and must stay one line
+        # whatever that data holds.
+        super().__init__(str(message).replace("\r", "\\r").replace("\n", "\\n"))
+
+
+def shown(value, limit: int = 40) -> str:
+    """A value from the user's data as it goes into a message: quoted and shortened."""
+    text = repr(str(value))
+    return text if len(text) <= limit else f"{text[:limit - 4]}…{text[-3:]}"
 
 
 class UsageError(NsnError):

@@ -475,3 +475,16 @@ def test_a_real_terminal_also_sees_one_line(converted, tmp_path):
         f"nsn: error: cannot load data '{bad}': 'utf-8' codec can't decode byte 0xe9 in "
         "position 3: unexpected end of data"]
     assert snapshot(project) == before
+
+
+def test_a_label_with_a_newline_still_makes_a_one_line_error(tmp_path, tokenizer):
+    """Found by the long data fuzzer: a held-out label holding a newline (CSV quoting)
+    split the DataError over two lines; data quoted in messages is now shortened too."""
+    from nsn_cli.errors import DataError
+
+    path = tmp_path / "d.csv"
+    path.write_text('text,label\nthe mill,a\nthe river,a\nthe road,"b' + "x" * 500 + '\nc"\n')
+    with pytest.raises(DataError) as info:
+        load_task_data(DataSpec(str(path), seed=0, eval_fraction=0.34), tokenizer, "seq-cls", 8)
+    message = str(info.value)
+    assert "\n" not in message and "never occur" in message and len(message) < 300
