@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import re
 
 from .errors import UsageError
 from .evaluate import METRICS
@@ -97,13 +96,10 @@ def print_profile(console, result) -> None:
                              f"{run['dtype']}, batch {run['batch_size']}×{run['seq_len']}"))
     below = [s["budget"] for s in result.skipped if s["variant"] == "nsn"]
     if below:
-        # "budget B is below this model's floor of F of dense FLOPs/token (seq_len S; ...": keep
-        # the floor and the sequence length it holds for.
-        reason = result.skipped[0]["reason"].split(" is ", 1)[-1]
-        floor = reason.split(" (", 1)[0]
-        length = re.search(r"seq_len \d+", reason)
-        floor += f" at {length.group(0)}" if length else ""
-        console.print(f"Skipped budgets {', '.join(f'{b:g}' for b in below)}: {floor}.")
+        # "budget B is below this model's floor of F of dense FLOPs/token (...": the floor.
+        floor = result.skipped[0]["reason"].split(" is ", 1)[-1].split(" (", 1)[0]
+        console.print(f"Skipped budgets {', '.join(f'{b:g}' for b in below)}: {floor} at "
+                      f"seq_len {run['seq_len']}.")
     console.print(f"Wrote {result.out_dir / 'profile.csv'} and profile.json", soft_wrap=True)
 
 
