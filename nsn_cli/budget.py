@@ -23,7 +23,7 @@ from torch import nn
 
 from .errors import BudgetError, UsageError
 from .nested import NestedLinear, transient
-from .surgery import dense_weight, linear_like, nested_layers
+from .surgery import dense_weight, linear_like, nested_layers, weight_sharers
 
 DEFAULT_SEQ_LEN = 128
 PROBE_LEN = 8
@@ -248,13 +248,6 @@ def floor_message(model: nn.Module, table: CostTable, floor: float, budget: floa
             text += (f"; nesting the largest, {name} ({share:.3f}), with --targets would lower "
                      f"the floor to about {lower:.3f}")
     return f"{text}; ask for at least {floor:.3f}"
-
-
-def weight_sharers(model: nn.Module, name: str) -> list[str]:
-    """Other parameter names bound to the same tensor as module `name`'s weight (tying)."""
-    weight = getattr(model.get_submodule(name), "weight", None)
-    return [n for n, p in model.named_parameters(remove_duplicate=False)
-            if p is weight and not n.startswith(f"{name}.")]
 
 
 def flop_counter():

@@ -94,11 +94,9 @@ def select_targets(model: nn.Module, targets: str, nest_head: bool = False) -> l
 
 def refuse_tied(model: nn.Module, names: Iterable[str]) -> None:
     """Nesting a layer whose weight is shared with another would untie them: refuse."""
-    layers = candidate_layers(model)
     for name in names:
-        shared = weight_owners(model, layers[name].weight)
-        if len(shared) > 1:
-            others = ", ".join(s for s in shared if not s.startswith(f"{name}."))
+        others = ", ".join(weight_sharers(model, name))
+        if others:
             hint = " or pass --nest-head" if name == head_name(model, required=False) else ""
             raise UsageError(f"{name} shares its weight with {others}; nesting it would untie "
                              f"them (choose --targets that leave it out{hint})")
@@ -127,7 +125,7 @@ def untie_head(model: nn.Module) -> str:
     """
     name = head_name(model)
     head = model.get_submodule(name)
-    if len(weight_owners(model, head.weight)) > 1:
+    if weight_sharers(model, name):
         head.weight = nn.Parameter(head.weight.detach().clone(),
                                    requires_grad=head.weight.requires_grad)
         for config in {id(c): c for c in (model.config, text_config(model))}.values():
@@ -140,8 +138,11 @@ def text_config(model: nn.Module):
     return get() if get is not None else model.config
 
 
-def weight_owners(model: nn.Module, weight: torch.Tensor) -> list[str]:
-    return [n for n, p in model.named_parameters(remove_duplicate=False) if p is weight]
+def weight_sharers(model: nn.Module, name: str) -> list[str]:
+    """Other parameter names bound to the same tensor as module `name`'s weight (tying)."""
+    weight = getattr(model.get_submodule(name), "weight", None)
+    return [n for n, p in model.named_parameters(remove_duplicate=False)
+            if p is weight and not n.startswith(f"{name}.")]
 
 
 def spec_of(name: str, module: nn.Module, max_rank: int | None,
