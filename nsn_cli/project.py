@@ -24,6 +24,7 @@ import os
 import re
 import shutil
 import tempfile
+import time
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -48,6 +49,7 @@ MODULE_NAME = re.compile(r"[A-Za-z0-9_]+(\.[A-Za-z0-9_]+)*")
 STAGE_KEYS = {"config": dict, "outputs": list, "summary": dict}
 RECORD_KEYS = {"path": str, "sha256": str, "size": int}
 SHA256 = re.compile(r"[0-9a-f]{64}")
+FRESH_DIR_LIFETIME = 60.0  # seconds; see remove_stale_fresh_dirs
 
 
 # ---------------------------------------------------------------- atomic writes
@@ -117,6 +119,7 @@ def staging_prefix(final: Path) -> str:
 
 def remove_dead_staging(final: Path) -> None:
     """Delete `final`'s staging directories whose writer has died (killed, OOM)."""
+    remove_stale_fresh_dirs(final)
     for child in final.parent.glob(f"{glob.escape(staging_prefix(final))}*"):
         if child.is_symlink() or not child.is_dir():
             continue
@@ -132,6 +135,19 @@ def remove_dead_staging(final: Path) -> None:
             shutil.rmtree(child, ignore_errors=True)
         finally:
             os.close(fd)
+
+
+def remove_stale_fresh_dirs(final: Path, age: float = FRESH_DIR_LIFETIME) -> None:
+    """Delete `.NAME.new-*` directories older than `age` seconds.
+
+    A writer keeps that name only between `mkdtemp` and its rename to `.partial-`
+    (microseconds), unlocked; one that is still there a minute later was left by a kill.
+    """
+    now = time.time()
+    for child in final.parent.glob(f".{glob.escape(final.name)}.new-*"):
+        with contextlib.suppress(OSError):
+            if child.is_dir() and not child.is_symlink() and now - child.stat().st_mtime > age:
+                shutil.rmtree(child, ignore_errors=True)
 
 
 def claim_dir(src: Path, dst: Path) -> None:
@@ -323,25 +339,55 @@ def recover_interrupted_replace(project: Path) -> None:
     """Undo what a killed `replace_dir`/`staging_dir` left in `project` (writers only).
 
     A `.NAME.old-PID` whose NAME is gone was moved aside just before the kill: it is
-    moved back. Other `.NAME.old-*` and `.NAME.partial-*` directories are debris.
+    moved back. Other `.NAME.old-*`, and every `.NAME.partial-*` and `.NAME.new-*`
+    (a staging directory killed before it was renamed), are debris.
     """
     for child in sorted(Path(project).iterdir()):
         aside = re.fullmatch(r"\.(.+)\.old-\d+", child.name)
         if aside and child.is_dir() and not child.is_symlink():
-            final = child.with_name(aside.group(1))
-            if final.exists() or final.is_symlink():
-                shutil.rmtree(child, ignore_errors=True)
-            else:
-                os.replace(child, final)
+            settle_moved_aside(child, child.with_name(aside.group(1)))
     for child in Path(project).iterdir():
-        if re.fullmatch(r"\..+\.partial-.+", child.name) and child.is_dir() \
+        if re.fullmatch(r"\..+\.(partial|new)-.+", child.name) and child.is_dir() \
                 and not child.is_symlink():
             shutil.rmtree(child, ignore_errors=True)
 
 
+def settle_moved_aside(aside: Path, final: Path) -> None:
+    """A `replace_dir` killed between its renames: put `final` back, or drop the old copy."""
+    if final.exists() or final.is_symlink():
+        shutil.rmtree(aside, ignore_errors=True)
+    else:
+        os.replace(aside, final)
+
+
+def recover_moved_aside(final: Path) -> None:
+    """Settle `.FINAL.old-PID` siblings whose process has died (outside any project lock)."""
+    for child in final.parent.glob(f".{glob.escape(final.name)}.old-*"):
+        pid = child.name.rpartition("-")[2]
+        if pid.isdigit() and child.is_dir() and not child.is_symlink() \
+                and not process_alive(int(pid)):
+            settle_moved_aside(child, final)
+
+
+def process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
+
+
 def ensure_empty_target(path: Path, force: bool) -> None:
-    """Refuse to write into a directory that holds something, unless forced."""
+    """Refuse to write into a directory that holds something, unless forced.
+
+    A directory a killed `--force` run had moved aside is put back first, so the
+    check sees what the user last had.
+    """
     path = Path(path)
+    if path.parent.is_dir():
+        recover_moved_aside(path)
     if path.exists() and not path.is_dir():
         raise ProjectError(f"{path} exists and is not a directory")
     if path.is_dir() and any(path.iterdir()) and not force:

@@ -311,6 +311,8 @@ def test_a_half_done_directory_swap_is_undone_by_the_next_writer(project):
     os.replace(project / "model", project / ".model.old-4242")
     (project / ".model.partial-x1").mkdir()
     (project / ".model.partial-x1" / "model.safetensors").write_bytes(b"half")
+    (project / ".model.new-x2").mkdir()  # killed between mkdtemp and its first rename
+    (project / ".model.new-x2" / "model.safetensors").write_bytes(b"")
     with pytest.raises(ProjectError, match="missing"):
         load(project)
     with project_lock(project, "finetune"):
@@ -457,6 +459,45 @@ def test_a_live_writers_staging_dir_is_left_alone(tmp_path):
     assert live.returncode == 0
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["half.bin"]  # theirs won
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+def test_a_stale_fresh_staging_dir_is_removed_and_a_young_one_kept(tmp_path):
+    from nsn_cli.project import FRESH_DIR_LIFETIME, staging_dir
+
+    stale, young = tmp_path / ".out.new-old1", tmp_path / ".out.new-yng1"
+    for folder in (stale, young):
+        folder.mkdir()
+    long_ago = time.time() - 2 * FRESH_DIR_LIFETIME
+    os.utime(stale, (long_ago, long_ago))
+    with staging_dir(tmp_path / "out") as tmp:
+        (tmp / "done.txt").write_text("ok")
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".out.new-yng1", "out"]
+
+
+def dead_pid() -> int:
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait(timeout=60)
+    return child.pid
+
+
+@pytest.mark.parametrize("target_left", [False, True])
+def test_a_directory_a_killed_force_run_moved_aside_is_settled(tmp_path, target_left):
+    """Killed between replace_dir's renames, outside a project: the next run tidies up."""
+    from nsn_cli.project import ensure_empty_target
+
+    aside = tmp_path / f".out.old-{dead_pid()}"
+    aside.mkdir()
+    (aside / "theirs.txt").write_text("the user's")
+    (tmp_path / f".out.old-{os.getpid()}").mkdir()  # a live process's: not touched
+    if target_left:
+        (tmp_path / "out").mkdir()
+        ensure_empty_target(tmp_path / "out", force=False)  # empty: fine
+        assert not aside.exists()
+    else:
+        with pytest.raises(ProjectError, match="not empty"):
+            ensure_empty_target(tmp_path / "out", force=False)
+        assert (tmp_path / "out" / "theirs.txt").read_text() == "the user's"
+    assert (tmp_path / f".out.old-{os.getpid()}").is_dir()
 
 
 def test_a_convert_whose_target_was_filled_meanwhile_keeps_nothing(tiny_models, tmp_path):
