@@ -49,6 +49,7 @@ MODULE_NAME = re.compile(r"[A-Za-z0-9_]+(\.[A-Za-z0-9_]+)*")
 STAGE_KEYS = {"config": dict, "outputs": list, "summary": dict}
 RECORD_KEYS = {"path": str, "sha256": str, "size": int}
 SHA256 = re.compile(r"[0-9a-f]{64}")
+ATOMIC_TMP = re.compile(r"\..+\.[^.]+\.tmp")  # atomic_write_bytes' temporary names
 FRESH_DIR_LIFETIME = 60.0  # seconds; see remove_stale_fresh_dirs
 
 
@@ -340,7 +341,8 @@ def recover_interrupted_replace(project: Path) -> None:
 
     A `.NAME.old-PID` whose NAME is gone was moved aside just before the kill: it is
     moved back. Other `.NAME.old-*`, and every `.NAME.partial-*` and `.NAME.new-*`
-    (a staging directory killed before it was renamed), are debris.
+    (a staging directory killed before it was renamed), are debris, and so is any
+    `.NAME.*.tmp` file an `atomic_write_bytes` was killed in.
     """
     for child in sorted(Path(project).iterdir()):
         aside = re.fullmatch(r"\.(.+)\.old-\d+", child.name)
@@ -350,6 +352,15 @@ def recover_interrupted_replace(project: Path) -> None:
         if re.fullmatch(r"\..+\.(partial|new)-.+", child.name) and child.is_dir() \
                 and not child.is_symlink():
             shutil.rmtree(child, ignore_errors=True)
+    remove_atomic_write_leftovers(project)
+
+
+def remove_atomic_write_leftovers(project: Path) -> None:
+    for folder, _, files in os.walk(project):  # does not follow symlinked directories
+        for name in files:
+            if ATOMIC_TMP.fullmatch(name):
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(os.path.join(folder, name))
 
 
 def settle_moved_aside(aside: Path, final: Path) -> None:

@@ -313,6 +313,8 @@ def test_a_half_done_directory_swap_is_undone_by_the_next_writer(project):
     (project / ".model.partial-x1" / "model.safetensors").write_bytes(b"half")
     (project / ".model.new-x2").mkdir()  # killed between mkdtemp and its first rename
     (project / ".model.new-x2" / "model.safetensors").write_bytes(b"")
+    for folder in (project, project / ".model.old-4242"):  # killed in atomic_write_bytes
+        (folder / ".nsn.json.k1ll3d_x.tmp").write_bytes(b"{")
     with pytest.raises(ProjectError, match="missing"):
         load(project)
     with project_lock(project, "finetune"):
