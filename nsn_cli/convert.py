@@ -60,11 +60,20 @@ def convert_model(model: nn.Module, targets: str = "all", max_rank: int | None =
     `set_budget` then follows ("auto": global when calibrated, else uniform).
     `nest_head` nests the LM head too, giving it its own copy of a tied embedding.
     """
-    from .calibrate import iterate, nest_activation_aware
-
     if nest_head:
         untie_head(model)
     specs = plan(model, targets, max_rank, max_rank_fraction, nest_head)
+    nest_planned(model, specs, svd, factor_fn, on_layer, calib_batches, allocation)
+    return specs
+
+
+def nest_planned(model: nn.Module, specs: list[ModuleSpec], svd: str = "auto",
+                 factor_fn=None, on_layer: Callable | None = None,
+                 calib_batches: list[dict] | None = None, allocation: str = "auto") -> None:
+    """Decompose the planned layers (head already untied if it is nested) and attach the
+    allocation: the part of `convert_model` after planning."""
+    from .calibrate import iterate, nest_activation_aware
+
     energies = None
     if calib_batches is not None:
         energies = nest_activation_aware(model, specs, iterate(calib_batches), on_layer=on_layer)
@@ -73,7 +82,6 @@ def convert_model(model: nn.Module, targets: str = "all", max_rank: int | None =
     cost_table(model, refresh=True)
     if resolve_allocation(allocation, calib_batches is not None) == "global":
         build_global(model, energies, calib_batches)
-    return specs
 
 
 def convert(cfg: ConvertConfig, on_start: Callable[[int], None] | None = None,
@@ -97,9 +105,8 @@ def convert(cfg: ConvertConfig, on_start: Callable[[int], None] | None = None,
             vocab_size=model.get_input_embeddings().num_embeddings)
     if on_start is not None:
         on_start(len(specs))
-    convert_model(model, cfg.targets, cfg.max_rank, cfg.max_rank_fraction, cfg.svd,
-                  on_layer=on_layer, calib_batches=batches, allocation=cfg.allocation,
-                  nest_head=cfg.nest_head)
+    nest_planned(model, specs, cfg.svd, on_layer=on_layer, calib_batches=batches,
+                 allocation=cfg.allocation)
     allocation = resolve_allocation(cfg.allocation, batches is not None)
     summary = {"layers": len(specs), **before, **nested_stats(model)}
     out = Path(cfg.out_dir)
