@@ -300,3 +300,24 @@ def test_benchmark_rounds_interleave_and_ratios_pair_within_a_round():
     ideal = ideal_line(rows)
     assert ideal(0.3) == pytest.approx(0.5) and ideal(1.0) == pytest.approx(1.0)
     assert ideal(0.65) == pytest.approx(0.75)
+
+
+@pytest.mark.parametrize("family", ["bert", "llama"])
+@pytest.mark.parametrize("fraction", [1.0, 0.25])
+def test_fusion_benchmark_times_the_same_outputs_as_separate_layers(family, fraction):
+    """benchmarks/fusion.py compares like with like: its fused q/k/v product returns
+    what the three nested layers return, on the dense and on the factored path."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    from fusion import fused, qkv_layers, separate
+
+    model = nested_model(family)
+    set_rank(model, fraction=fraction)
+    layers = qkv_layers(model)
+    assert [layers[0].uses_dense()] * 3 == [m.uses_dense() for m in layers] == [fraction == 1] * 3
+    with torch.inference_mode():
+        x = torch.randn(2, 5, layers[0].d_in)
+        for want, got in zip(separate(layers, x)(), fused(layers, x)()):
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
