@@ -291,7 +291,7 @@ def main() -> None:
     parser.add_argument("--ft-steps", type=int, default=None, help="nsn finetune steps per method")
     parser.add_argument("--data", default=str(FINE_TOPICS),
                         help="labelled sentences for the classifier (JSONL: text, label)")
-    parser.add_argument("--dense-steps", type=int, default=120,
+    parser.add_argument("--dense-steps", type=int, default=300,
                         help="dense task finetune (MiniLM)")
     parser.add_argument("--lm-steps", type=int, default=None, help="pretraining steps (small LM)")
     parser.add_argument("--eval-blocks", type=int, default=64, help="held-out LM blocks")
