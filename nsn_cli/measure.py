@@ -93,15 +93,19 @@ def round_robin_times(entries: list[Entry], batch: dict, task: str, warmup: int,
 
     Each round times every entry once, so slow drift on a shared machine (another
     process, thermal throttling) lands on all settings alike instead of on whichever
-    was measured last. Before its first timing each entry gets `warmup` untimed
-    passes; before every later one a single pass, because switching ranks rebuilds
-    the merged weights of layers above break-even.
+    was measured last; the order rotates from round to round, so no entry always runs
+    first. Before its first timing each entry gets `warmup` untimed passes; before
+    every later one a single pass, because switching ranks rebuilds the merged weights
+    of layers above break-even.
     """
     from .budget import apply_ranks
 
     times: list[list[float]] = [[] for _ in entries]
+    slots = list(range(len(entries)))
     for done in range(repeats):
-        for slot, (model, ranks) in enumerate(entries):
+        shift = done % len(slots)
+        for slot in slots[shift:] + slots[:shift]:
+            model, ranks = entries[slot]
             if ranks is not None:
                 apply_ranks(model, ranks)
             for _ in range(warmup if done == 0 else 1):

@@ -136,12 +136,17 @@ def measure(model: nn.Module, point: Point, bench: Bench) -> dict:
             "peak_memory_mb": (weight_bytes + activations) / MB}
 
 
-def add_latency(rows: list[dict], times: list[list[float]], bench: Bench) -> None:
-    """Fill the latency columns of `rows` from their timings (ratio to the dense median)."""
+def add_latency(rows: list[dict], times: list[list[float]], dense_times: list[float]) -> None:
+    """Fill the latency columns of `rows` from their timings.
+
+    The ratio is the median over rounds of (this row's time / the dense model's time in
+    the same round), not a ratio of medians: drift in machine load between rounds then
+    lands on both sides of each ratio alike.
+    """
     for row, ms in zip(rows, times):
-        median = statistics.median(ms)
-        row.update(latency_ms=median, latency_ms_min=min(ms), latency_ms_max=max(ms),
-                   latency_ratio=median / bench.dense_latency)
+        row.update(latency_ms=statistics.median(ms), latency_ms_min=min(ms),
+                   latency_ms_max=max(ms),
+                   latency_ratio=statistics.median(t / d for t, d in zip(ms, dense_times)))
 
 
 # ---------------------------------------------------------------- ladder ranks
@@ -221,14 +226,15 @@ def measure_points(model: nn.Module, points: list[Point], bench: Bench,
     return rows
 
 
-def time_rows(entries: list, rows: list[dict], bench: Bench, on_point, first_is_dense: bool
-              ) -> None:
-    """Time every entry in interleaved rounds and fill its row's latency columns."""
-    times = round_robin_times(entries, bench.timing_batch, bench.task, bench.warmup,
-                              bench.repeats, lambda done: on_point(f"timing round {done}"))
-    if first_is_dense:
-        bench.dense_latency = statistics.median(times[0])
-    add_latency(rows, times, bench)
+def time_rows(dense: nn.Module, entries: list, rows: list[dict], bench: Bench, on_point
+              ) -> list[float]:
+    """Time the dense original and every entry in interleaved rounds, fill the rows'
+    latency columns, and return the dense model's own timings."""
+    times = round_robin_times([(dense, None)] + entries, bench.timing_batch, bench.task,
+                              bench.warmup, bench.repeats,
+                              lambda done: on_point(f"timing round {done}"))
+    add_latency(rows, times[1:], times[0])
+    return times[0]
 
 
 def profile(cfg: ProfileConfig, on_start: Callable[[int], None] = lambda total: None,
@@ -275,16 +281,18 @@ def profile_locked(cfg: ProfileConfig, seed: int, project: Path, manifest: dict,
     on_start((1 + len(points) + cfg.repeats) * (2 if baseline else 1))
     dense, dense_row = measure_dense(model, bench)
     on_point("dense original")
-    rows = [dense_row] + measure_points(model, points, bench, on_point)
-    entries = [(dense, None)] + [(model, p.ranks) for p in points]
-    time_rows(entries, rows, bench, on_point, first_is_dense=True)
+    rows = measure_points(model, points, bench, on_point)
+    dense_times = time_rows(dense, [(model, p.ranks) for p in points], rows, bench, on_point)
+    add_latency([dense_row], [dense_times], dense_times)
+    bench.dense_latency = dense_row["latency_ms"]
+    rows = [dense_row] + rows
     ladder = ladder_points(model, manifest, cfg.seq_len)
-    del model, dense, entries  # one model in memory at a time
+    del model  # the dense original stays: the baseline is timed against it too
     if baseline:
         base_model = load(baseline, device=device, dtype=dtype)[0]
         if baseline == project:
             resvd(base_model)
-        rows += measure_baseline(base_model, cfg, bench, skipped, on_point)
+        rows += measure_baseline(base_model, dense, cfg, bench, skipped, on_point)
     frame = pd.DataFrame([{k: r.get(k) for k in columns_for(task)} for r in rows],
                          columns=columns_for(task)).astype(COLUMN_TYPES)
     run = run_record(cfg, device, bench, len(frame), skipped)
@@ -295,14 +303,14 @@ def profile_locked(cfg: ProfileConfig, seed: int, project: Path, manifest: dict,
     return ProfileResult(frame, run, skipped, out)
 
 
-def measure_baseline(baseline: nn.Module, cfg: ProfileConfig, bench: Bench,
+def measure_baseline(baseline: nn.Module, dense: nn.Module, cfg: ProfileConfig, bench: Bench,
                      skipped: list[dict], on_point) -> list[dict]:
     points, more_skipped = plan_points(baseline, "baseline", cfg.budgets, cfg.rank_fractions,
                                        cfg.seq_len)
     skipped += more_skipped
     on_point("baseline loaded")
     rows = measure_points(baseline, points, bench, on_point)
-    time_rows([(baseline, p.ranks) for p in points], rows, bench, on_point, first_is_dense=False)
+    time_rows(dense, [(baseline, p.ranks) for p in points], rows, bench, on_point)
     return rows
 
 
