@@ -212,6 +212,7 @@ def profile(
     warmup: int = typer.Option(2, help=_h(ProfileConfig, "warmup")),
     device: str = typer.Option("auto", help=_h(ProfileConfig, "device")),
     dtype: str = typer.Option("float32", help=_h(ProfileConfig, "dtype")),
+    threads: Optional[int] = typer.Option(None, help=_h(ProfileConfig, "threads")),
 ):
     """Measure metric, FLOPs, parameters, latency and memory at a grid of budgets."""
     from . import curve_report as show
@@ -223,7 +224,7 @@ def profile(
                         batch_size=batch_size, budgets=show.parse_fractions(budgets, "--budgets"),
                         rank_fractions=show.parse_fractions(rank_fractions, "--rank-fractions"),
                         baseline=baseline, repeats=repeats, warmup=warmup, device=device,
-                        dtype=dtype)
+                        dtype=dtype, threads=threads)
     stages.profile(cfg)
 
 

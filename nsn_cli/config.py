@@ -75,6 +75,8 @@ class ProfileConfig:
     warmup: int = opt(2, "Untimed forward passes before timing each point.")
     device: str = opt("auto", "cpu, cuda, cuda:N or auto (cuda when available).")
     dtype: str = opt("float32", "float32, bfloat16 or float16.")
+    threads: int | None = opt(None, "CPU threads to measure with (default: torch's choice); "
+                                    "latency ratios depend on it, so use what you deploy with.")
 
 
 @dataclass

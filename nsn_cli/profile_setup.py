@@ -33,7 +33,7 @@ def validate(cfg: ProfileConfig) -> None:
                 raise UsageError(f"{flag} values must be in (0, 1], got {value}")
     for flag, value, low in (("--batch-size", cfg.batch_size, 1), ("--repeats", cfg.repeats, 1),
                              ("--warmup", cfg.warmup, 0), ("--seq-len", cfg.seq_len, 2),
-                             ("--max-samples", cfg.max_samples, 1)):
+                             ("--max-samples", cfg.max_samples, 1), ("--threads", cfg.threads, 1)):
         if value is not None and value < low:
             raise UsageError(f"{flag} must be at least {low}, got {value}")
     if cfg.dtype not in DTYPES:

@@ -13,6 +13,7 @@ The columns of profile.csv are documented in the README ("profile.csv columns").
 
 from __future__ import annotations
 
+import contextlib
 import math
 import statistics
 import tempfile
@@ -256,7 +257,20 @@ def profile(cfg: ProfileConfig, on_start: Callable[[int], None] = lambda total: 
         if cfg.baseline:  # classifiers: re-SVD of the project itself (see profile_setup.resvd)
             baseline = project if manifest["task"] == "seq-cls" else \
                 reconvert(manifest, Path(scratch))
-        return profile_locked(cfg, seed, project, manifest, baseline, on_start, on_point)
+        with cpu_threads(cfg.threads):
+            return profile_locked(cfg, seed, project, manifest, baseline, on_start, on_point)
+
+
+@contextlib.contextmanager
+def cpu_threads(count: int | None):
+    """torch's CPU thread count set to `count` (if given) for the block, then restored."""
+    previous = torch.get_num_threads()
+    if count is not None:
+        torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
 
 
 def profile_locked(cfg: ProfileConfig, seed: int, project: Path, manifest: dict,

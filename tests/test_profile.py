@@ -254,6 +254,7 @@ def test_rank_fraction_grid(bert_profile):
     ({"budgets": [0.0]}, "in \\(0, 1\\]"),
     ({"rank_fractions": [1.5]}, "in \\(0, 1\\]"),
     ({"repeats": 0}, "--repeats"),
+    ({"threads": 0}, "--threads"),
     ({"dtype": "int8"}, "--dtype"),
     ({"device": "tpu:9"}, "--device"),
     ({"seq_len": 4096}, "context"),
@@ -329,3 +330,23 @@ def test_timing_rounds_rotate_which_entry_goes_first(monkeypatch):
     # From round 2 on, each entry gets one untimed pass right before its timed one.
     assert order == ["a", "b", "c", "b", "b", "c", "c", "a", "a", "c", "c", "a", "a", "b", "b"]
     assert times == [[1.0] * 3] * 3
+
+
+def test_threads_apply_while_measuring_and_are_restored(converted, tmp_path, monkeypatch):
+    from nsn_cli import measure
+
+    seen = []
+    timed = measure.timed_forward
+
+    def record(model, batch, task):
+        seen.append(torch.get_num_threads())
+        return timed(model, batch, task)
+
+    monkeypatch.setattr(measure, "timed_forward", record)
+    before = torch.get_num_threads()
+    wanted = 3 if before != 3 else 2
+    project = copy_project(converted, "gpt2", tmp_path)
+    result = run(project, data=str(TINY_TEXT), budgets=[0.5, 1.0], threads=wanted)
+    assert seen and set(seen) == {wanted}
+    assert result.run["threads"] == wanted
+    assert torch.get_num_threads() == before
