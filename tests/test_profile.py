@@ -272,11 +272,13 @@ def test_bad_input_is_one_clear_error_and_writes_nothing(flags, match, converted
 def test_profile_cli(converted, tmp_path):
     project = copy_project(converted, "gpt2", tmp_path)
     args = ["profile", str(project), "--data", str(TINY_TEXT), "--seq-len", "32",
-            "--batch-size", "4", "--repeats", "1", "--warmup", "0", "--budgets", "0.5,1"]
+            "--batch-size", "4", "--repeats", "1", "--warmup", "0", "--threads", "2",
+            "--budgets", "0.5,1"]
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
     assert "nsn profile" in result.output and "ppl" in result.output
     assert (project / "profile" / "profile.csv").is_file()
+    assert json.loads((project / "profile" / "profile.json").read_text())["run"]["threads"] == 2
     bad = CliRunner().invoke(app, args[:-1] + ["0.5,x"])
     assert bad.exit_code == 2 and "comma-separated" in bad.output
 
