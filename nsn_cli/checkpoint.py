@@ -29,7 +29,8 @@ import torch
 from torch import nn
 
 from .errors import ProjectError
-from .project import atomic_write_json, staging_dir
+from .project import atomic_write_json
+from .staging import staging_dir
 
 INDEX = "index.json"
 STATE = "state.json"

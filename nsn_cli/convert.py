@@ -15,8 +15,8 @@ from .config import ConvertConfig, to_dict
 from .decompose import METHODS
 from .errors import UsageError
 from .loading import TASKS, load_source, save_model
-from .project import (MODEL_DIR, ensure_empty_target, file_record, folder_records,
-                      staging_dir, write_manifest)
+from .project import MODEL_DIR, file_record, folder_records, write_manifest
+from .staging import ensure_empty_target, staging_dir
 from .surgery import ModuleSpec, nest_model, plan, untie_head
 
 

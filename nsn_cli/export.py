@@ -25,8 +25,8 @@ from .budget import DEFAULT_SEQ_LEN, cost_table, set_budget, set_rank
 from .config import ExportConfig, to_dict
 from .errors import UsageError
 from .nested import NestedLinear
-from .project import (MODEL_DIR, atomic_write_json, ensure_empty_target,
-                      folder_records, read_manifest, staging_dir, write_manifest)
+from .project import MODEL_DIR, atomic_write_json, folder_records, read_manifest, write_manifest
+from .staging import ensure_empty_target, staging_dir
 from .surgery import conv1d_class, nested_layers, replace_module
 
 FORMATS = ("factored", "merged")

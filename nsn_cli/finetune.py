@@ -36,9 +36,9 @@ from .finetune_logs import (EVAL_FILE, METRIC_COLUMNS, METRICS_FILE, CsvLog, eva
 from .finetune_setup import CHECKPOINTS, FINETUNE_DIR, Inputs, load_inputs, validate
 from .lock import project_lock
 from .objective import RankWeights, distill_loss, ranks_for_step, task_loss, teacher_from
-from .project import (MODEL_DIR, file_record, folder_records, mark_unfinished, record_stage,
-                      staging_dir)
+from .project import MODEL_DIR, file_record, folder_records, mark_unfinished, record_stage
 from .safety import refuse_nonfinite
+from .staging import staging_dir
 
 MIN_LR_RATIO = 0.1  # cosine decays to a tenth of the peak
 HISTORY = 1000  # step reports a result keeps (metrics.csv has them all)

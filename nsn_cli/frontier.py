@@ -19,7 +19,8 @@ from .errors import BudgetError, ProjectError, UsageError
 from .evaluate import HIGHER_IS_BETTER, PRIMARY
 from .lock import project_lock
 from .project import (atomic_write_json, atomic_write_text, folder_records, mark_unfinished,
-                      read_manifest, record_stage, staging_dir)
+                      read_manifest, record_stage)
+from .staging import staging_dir
 
 COST = "flops_fraction"
 VARIANTS = ("nsn", "baseline")  # each gets its own frontier; "dense" is the reference

@@ -8,7 +8,7 @@ command and start time into the file so a second writer can say who is in the wa
 
 Taking the lock is re-entrant within one process (`nsn run` calls stages that lock).
 Whoever takes it first repairs what a killed writer left half-moved (see
-`project.recover_interrupted_replace`): only the sole writer may do that safely.
+`staging.recover_interrupted_replace`): only the sole writer may do that safely.
 """
 
 from __future__ import annotations
@@ -74,7 +74,7 @@ def acquire(project: Path, command: str) -> int:
 
 def recover(project: Path, fd: int) -> None:
     """The sole writer now: put back what a killed writer left half-moved."""
-    from .project import recover_interrupted_replace
+    from .staging import recover_interrupted_replace
 
     try:
         recover_interrupted_replace(project)

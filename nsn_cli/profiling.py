@@ -35,7 +35,8 @@ from .measure import (activation_peak_bytes, active_weights, counted_flops_per_t
 from .profile_setup import (DTYPES, data_spec, reconvert, resolve_data, resvd, resolve_device,
                             resolve_seq_len, timing_batch, validate)
 from .project import (atomic_write_json, atomic_write_text, folder_records, mark_unfinished,
-                      read_manifest, record_stage, staging_dir)
+                      read_manifest, record_stage)
+from .staging import staging_dir
 from .surgery import nested_layers
 
 DEFAULT_BUDGETS = (0.05, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)

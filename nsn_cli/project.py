@@ -1,8 +1,8 @@
-"""The project directory contract: paths, the manifest, atomic writes and checksums.
+"""The project directory contract: paths, the manifest, atomic file writes and checksums.
 
 Every stage reads what earlier stages wrote and writes only its own part. All writes
 go to a temporary name first and are moved into place with `os.replace`, so a crash
-never leaves a half-written file under a final name.
+never leaves a half-written file under a final name (whole directories: `staging.py`).
 
 Records of files: each stage lists the files it wrote (path, sha256, size) in its
 `outputs`. A stage that rewrites a file an earlier stage recorded (finetune replaces
@@ -15,18 +15,13 @@ the newest record of a path is the one that counts (`integrity.current_records`)
 from __future__ import annotations
 
 import contextlib
-import errno
-import fcntl
-import glob
 import hashlib
 import json
 import os
 import re
-import shutil
 import tempfile
-import time
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from . import __version__
 from .errors import ProjectError
@@ -50,7 +45,6 @@ STAGE_KEYS = {"config": dict, "outputs": list, "summary": dict}
 RECORD_KEYS = {"path": str, "sha256": str, "size": int}
 SHA256 = re.compile(r"[0-9a-f]{64}")
 ATOMIC_TMP = re.compile(r"\..+\.[^.]+\.tmp")  # atomic_write_bytes' temporary names
-FRESH_DIR_LIFETIME = 60.0  # seconds; see remove_stale_fresh_dirs
 
 
 # ---------------------------------------------------------------- atomic writes
@@ -77,100 +71,6 @@ def atomic_write_text(path: Path, text: str) -> None:
 
 def atomic_write_json(path: Path, obj: Any) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
-
-
-@contextlib.contextmanager
-def staging_dir(final: Path, replace: bool = True) -> Iterator[Path]:
-    """Yield a sibling temp directory; on success it replaces `final` in one rename.
-
-    With `replace=False` the rename only succeeds if `final` is still missing or empty:
-    a directory that another process filled meanwhile is a ProjectError, not overwritten.
-
-    A crash leaves only a hidden `.NAME.partial-*` directory, never a `final` that
-    claims to be complete. The writer holds an flock on its staging directory until
-    the rename is done; the kernel drops it when the writer dies, which is how the
-    next writer of `final` tells a dead writer's debris (removed) from a live one's.
-    """
-    final = Path(final)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    remove_dead_staging(final)
-    # Made under another name and locked before it takes the name a sweeper looks for.
-    fresh = tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}.new-")
-    guard = os.open(fresh, os.O_RDONLY)
-    fcntl.flock(guard, fcntl.LOCK_EX)
-    tmp = final.parent / f"{staging_prefix(final)}{Path(fresh).name.rpartition('-')[2]}"
-    try:
-        os.rename(fresh, tmp)
-        yield tmp
-        if replace:
-            replace_dir(tmp, final)
-        else:
-            claim_dir(tmp, final)
-    except BaseException:
-        for leftover in (tmp, fresh):
-            shutil.rmtree(leftover, ignore_errors=True)
-        raise
-    finally:
-        os.close(guard)  # after the rename: a sweeper never sees this one unlocked
-
-
-def staging_prefix(final: Path) -> str:
-    return f".{final.name}.partial-"
-
-
-def remove_dead_staging(final: Path) -> None:
-    """Delete `final`'s staging directories whose writer has died (killed, OOM)."""
-    remove_stale_fresh_dirs(final)
-    for child in final.parent.glob(f"{glob.escape(staging_prefix(final))}*"):
-        if child.is_symlink() or not child.is_dir():
-            continue
-        try:
-            fd = os.open(child, os.O_RDONLY)
-        except OSError:  # gone already: a live writer has just renamed it into place
-            continue
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:  # a live writer holds it
-            continue
-        else:  # by path: if it was renamed meanwhile, there is nothing left to remove
-            shutil.rmtree(child, ignore_errors=True)
-        finally:
-            os.close(fd)
-
-
-def remove_stale_fresh_dirs(final: Path, age: float = FRESH_DIR_LIFETIME) -> None:
-    """Delete `.NAME.new-*` directories older than `age` seconds.
-
-    A writer keeps that name only between `mkdtemp` and its rename to `.partial-`
-    (microseconds), unlocked; one that is still there a minute later was left by a kill.
-    """
-    now = time.time()
-    for child in final.parent.glob(f".{glob.escape(final.name)}.new-*"):
-        with contextlib.suppress(OSError):
-            if child.is_dir() and not child.is_symlink() and now - child.stat().st_mtime > age:
-                shutil.rmtree(child, ignore_errors=True)
-
-
-def claim_dir(src: Path, dst: Path) -> None:
-    """Rename `src` to `dst` unless `dst` holds something (one atomic rename)."""
-    try:
-        os.rename(src, dst)  # replaces an empty directory, refuses a non-empty one
-    except OSError as exc:
-        if exc.errno not in (errno.ENOTEMPTY, errno.EEXIST, errno.ENOTDIR):
-            raise
-        raise ProjectError(f"{dst} was written by another process while this one ran; "
-                           "it was left as it is and nothing of this run was kept") from None
-
-
-def replace_dir(src: Path, dst: Path) -> None:
-    """Move directory `src` to `dst`, replacing whatever `dst` held."""
-    if dst.exists():
-        old = dst.with_name(f".{dst.name}.old-{os.getpid()}")
-        os.replace(dst, old)
-        os.replace(src, dst)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(src, dst)
 
 
 # ---------------------------------------------------------------- checksums
@@ -334,78 +234,3 @@ def mark_unfinished(project: Path, stage: str, replacing: str | None = None) -> 
     # An earlier stage that is still unfinished keeps the note: its files need it first.
     manifest.setdefault("unfinished", {"stage": stage})
     write_manifest(project, manifest)
-
-
-def recover_interrupted_replace(project: Path) -> None:
-    """Undo what a killed `replace_dir`/`staging_dir` left in `project` (writers only).
-
-    A `.NAME.old-PID` whose NAME is gone was moved aside just before the kill: it is
-    moved back. Other `.NAME.old-*`, and every `.NAME.partial-*` and `.NAME.new-*`
-    (a staging directory killed before it was renamed), are debris, and so is any
-    `.NAME.*.tmp` file an `atomic_write_bytes` was killed in.
-    """
-    for child in sorted(Path(project).iterdir()):
-        aside = re.fullmatch(r"\.(.+)\.old-\d+", child.name)
-        if aside and child.is_dir() and not child.is_symlink():
-            settle_moved_aside(child, child.with_name(aside.group(1)))
-    for child in Path(project).iterdir():
-        if re.fullmatch(r"\..+\.(partial|new)-.+", child.name) and child.is_dir() \
-                and not child.is_symlink():
-            shutil.rmtree(child, ignore_errors=True)
-    remove_atomic_write_leftovers(project)
-
-
-def remove_atomic_write_leftovers(project: Path) -> None:
-    for folder, _, files in os.walk(project):  # does not follow symlinked directories
-        for name in files:
-            if ATOMIC_TMP.fullmatch(name):
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(os.path.join(folder, name))
-
-
-def settle_moved_aside(aside: Path, final: Path) -> None:
-    """A `replace_dir` killed between its renames: put `final` back, or drop the old copy."""
-    if final.exists() or final.is_symlink():
-        shutil.rmtree(aside, ignore_errors=True)
-    else:
-        os.replace(aside, final)
-
-
-def recover_moved_aside(final: Path) -> None:
-    """Settle `.FINAL.old-PID` siblings whose process has died (outside any project lock)."""
-    for child in final.parent.glob(f".{glob.escape(final.name)}.old-*"):
-        pid = child.name.rpartition("-")[2]
-        if pid.isdigit() and child.is_dir() and not child.is_symlink() \
-                and not process_alive(int(pid)):
-            settle_moved_aside(child, final)
-
-
-def process_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # someone else's process
-        return True
-    return True
-
-
-def ensure_empty_target(path: Path, force: bool) -> None:
-    """Refuse to write into a directory that holds something, unless forced.
-
-    A directory a killed `--force` run had moved aside is put back first, so the
-    check sees what the user last had.
-    """
-    path = Path(path)
-    if path.parent.is_dir():
-        recover_moved_aside(path)
-    if path.exists() and not path.is_dir():
-        raise ProjectError(f"{path} exists and is not a directory")
-    if path.is_dir() and any(path.iterdir()) and not force:
-        raise ProjectError(f"{path} exists and is not empty (use --force to replace it)")
-    if path.is_dir():  # --force must not pull a project from under a running writer
-        from .lock import busy_message, holder_of
-
-        holder = holder_of(path)
-        if holder is not None:
-            raise ProjectError(busy_message(path, holder))

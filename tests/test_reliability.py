@@ -417,7 +417,7 @@ def test_a_stopped_second_finetune_explains_its_changed_logs(project, monkeypatc
 STAGING_WRITER = textwrap.dedent("""
     import os, sys
     from pathlib import Path
-    from nsn_cli.project import staging_dir
+    from nsn_cli.staging import staging_dir
     with staging_dir(Path(sys.argv[1])) as tmp:
         (tmp / "half.bin").write_bytes(b"x" * 1000)
         print(tmp.name, flush=True)
@@ -433,7 +433,7 @@ def staging_writer(final, mode):
 
 
 def test_a_dead_writers_staging_dir_is_removed_by_the_next_writer(tmp_path):
-    from nsn_cli.project import staging_dir
+    from nsn_cli.staging import staging_dir
 
     final = tmp_path / "out"
     dead = staging_writer(final, "die")
@@ -448,7 +448,7 @@ def test_a_dead_writers_staging_dir_is_removed_by_the_next_writer(tmp_path):
 
 
 def test_a_live_writers_staging_dir_is_left_alone(tmp_path):
-    from nsn_cli.project import staging_dir
+    from nsn_cli.staging import staging_dir
 
     final = tmp_path / "out"
     live = staging_writer(final, "live")
@@ -464,7 +464,7 @@ def test_a_live_writers_staging_dir_is_left_alone(tmp_path):
 
 
 def test_a_stale_fresh_staging_dir_is_removed_and_a_young_one_kept(tmp_path):
-    from nsn_cli.project import FRESH_DIR_LIFETIME, staging_dir
+    from nsn_cli.staging import FRESH_DIR_LIFETIME, staging_dir
 
     stale, young = tmp_path / ".out.new-old1", tmp_path / ".out.new-yng1"
     for folder in (stale, young):
@@ -485,7 +485,7 @@ def dead_pid() -> int:
 @pytest.mark.parametrize("target_left", [False, True])
 def test_a_directory_a_killed_force_run_moved_aside_is_settled(tmp_path, target_left):
     """Killed between replace_dir's renames, outside a project: the next run tidies up."""
-    from nsn_cli.project import ensure_empty_target
+    from nsn_cli.staging import ensure_empty_target
 
     aside = tmp_path / f".out.old-{dead_pid()}"
     aside.mkdir()
