@@ -201,7 +201,8 @@ def set_budget(model: nn.Module, budget: float, seq_len: int = DEFAULT_SEQ_LEN) 
     costs = _LazyCosts(table, settings, seq_len)
     best = bisect.bisect_right(costs, limit) - 1
     if best < 0:
-        raise BudgetError(floor_message(model, table, costs[0] / dense, budget, seq_len))
+        floor = costs[0] / dense
+        raise BudgetError(floor_message(model, table, floor, budget, seq_len), floor=floor)
     ranks = settings.ranks(best)
     apply_ranks(model, ranks)
     flops = costs[best]

@@ -96,10 +96,10 @@ def print_profile(console, result) -> None:
                              f"{run['dtype']}, batch {run['batch_size']}×{run['seq_len']}"))
     below = [s["budget"] for s in result.skipped if s["variant"] == "nsn"]
     if below:
-        # "budget B is below this model's floor of F of dense FLOPs/token (...": the floor.
-        floor = result.skipped[0]["reason"].split(" is ", 1)[-1].split(" (", 1)[0]
-        console.print(f"Skipped budgets {', '.join(f'{b:g}' for b in below)}: {floor} at "
-                      f"seq_len {run['seq_len']}.")
+        floor = next(s["floor"] for s in result.skipped if s["variant"] == "nsn")
+        console.print(f"Skipped budgets {', '.join(f'{b:g}' for b in below)}: below this "
+                      f"model's floor of {floor:.3f} of dense FLOPs/token at seq_len "
+                      f"{run['seq_len']}.")
     console.print(f"Wrote {result.out_dir / 'profile.csv'} and profile.json", soft_wrap=True)
 
 

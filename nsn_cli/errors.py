@@ -37,7 +37,12 @@ class DataError(NsnError):
 
 
 class BudgetError(NsnError):
-    """A compute budget that this model cannot meet."""
+    """A compute budget that this model cannot meet; `floor` is the lowest it can, as a
+    fraction of dense FLOPs/token, when that is what the budget fell below."""
+
+    def __init__(self, message: str = "", floor: float | None = None):
+        super().__init__(message)
+        self.floor = floor
 
 
 class TrainingError(NsnError):

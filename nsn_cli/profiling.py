@@ -80,7 +80,8 @@ def plan_points(model: nn.Module, variant: str, budgets: list[float] | None,
             else:
                 ranks = set_budget(model, value, seq_len=seq_len).ranks
         except BudgetError as exc:
-            skipped.append({"variant": variant, "budget": value, "reason": str(exc)})
+            skipped.append({"variant": variant, "budget": value, "floor": exc.floor,
+                            "reason": str(exc)})
             continue
         key = tuple(sorted(ranks.items()))
         if key in points:

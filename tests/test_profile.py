@@ -129,8 +129,10 @@ def test_skipped_budgets_are_reported_with_their_floor(gpt2_profile):
     console = Console(record=True, width=300)
     print_profile(console, gpt2_profile[1])
     line = next(l for l in console.export_text().splitlines() if l.startswith("Skipped"))
-    assert line.startswith("Skipped budgets 0.01: below this model's floor of 0.")
-    assert line.endswith("of dense FLOPs/token at seq_len 32.")
+    skipped = gpt2_profile[1].skipped[0]
+    assert f"floor of {skipped['floor']:.3f} of" in skipped["reason"]  # the floor it names
+    assert line == (f"Skipped budgets 0.01: below this model's floor of {skipped['floor']:.3f} "
+                    "of dense FLOPs/token at seq_len 32.")
 
 
 def test_outputs_columns_and_run_record(gpt2_profile):
