@@ -132,8 +132,13 @@ def seconds(times: dict[str, list[float]]) -> dict[str, Spread]:
 
 # ---------------------------------------------------------------- command line
 
-def base_parser(description: str) -> argparse.ArgumentParser:
+def base_parser(description: str, batch: int | None = None) -> argparse.ArgumentParser:
+    """The flags every benchmark takes; with `batch`, also --batch (that default) and
+    --seq-len (128) for the scripts that time a batch of token sequences."""
     parser = argparse.ArgumentParser(description=description)
+    if batch is not None:
+        parser.add_argument("--batch", type=int, default=batch)
+        parser.add_argument("--seq-len", type=int, default=128)
     parser.add_argument("--device", default="cpu", help="cpu (default) or cuda")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch CPU threads (default: torch's choice)")

@@ -26,11 +26,9 @@ from switch import prefill
 
 
 def parse_args():
-    parser = base_parser(__doc__.split("\n")[0])
+    parser = base_parser(__doc__.split("\n")[0], batch=8)
     parser.add_argument("--model", default="bert", help="bert (default), gpt2 or llama shape")
     parser.add_argument("--budget", type=float, default=0.5)
-    parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--seq-len", type=int, default=128)
     return parser.parse_args()
 
 

@@ -35,10 +35,8 @@ from nsn_cli.objective import DEFAULT_LADDER, ladder_settings
 
 
 def parse_args():
-    parser = base_parser(__doc__.split("\n")[0])
+    parser = base_parser(__doc__.split("\n")[0], batch=4)
     parser.add_argument("--layers", type=int, default=12, help="transformer blocks (GPT-2: 12)")
-    parser.add_argument("--batch", type=int, default=4)
-    parser.add_argument("--seq-len", type=int, default=128)
     parser.add_argument("--ranks-per-step", type=int, default=2)
     parser.add_argument("--precision", choices=("fp32", "bf16"), default="fp32")
     return parser.parse_args()

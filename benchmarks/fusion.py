@@ -32,10 +32,8 @@ RANK_FRACTIONS = (1.0, 0.25)  # dense path, factored path
 
 
 def parse_args():
-    parser = base_parser(__doc__.split("\n")[0])
+    parser = base_parser(__doc__.split("\n")[0], batch=8)
     parser.add_argument("--model", default="bert,llama", help="bert, llama or both (default)")
-    parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--seq-len", type=int, default=128)
     return parser.parse_args()
 
 

@@ -40,11 +40,9 @@ FLOOR = "rank 1"
 
 
 def parse_args():
-    parser = base_parser(__doc__.split("\n")[0])
+    parser = base_parser(__doc__.split("\n")[0], batch=8)
     parser.add_argument("--model", default="gpt2",
                         help=f"comma-separated shapes from {', '.join(FAMILIES)}, or all")
-    parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--seq-len", type=int, default=128)
     parser.add_argument("--prompt", type=int, default=32, help="decode: prompt tokens")
     parser.add_argument("--new-tokens", type=int, default=32, help="decode: steps timed")
     parser.add_argument("--skip-decode", action="store_true")

@@ -29,10 +29,8 @@ QUICK_SWITCHES = ((1.0, 0.5), (0.5, 1.0), (1.0, 0.9))
 
 
 def parse_args():
-    parser = base_parser(__doc__.split("\n")[0])
+    parser = base_parser(__doc__.split("\n")[0], batch=8)
     parser.add_argument("--model", default="gpt2", help="gpt2 (default), bert or llama shape")
-    parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--seq-len", type=int, default=128)
     return parser.parse_args()
 
 
