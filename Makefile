@@ -26,7 +26,9 @@ demo: $(STAMP)
 readme-demo: demo
 	$(PY) scripts/readme_demo.py demo-out
 
+# The layer contract (pyproject.toml, [tool.importlinter]) first: an upward import fails here.
 test: $(STAMP)
+	$(VENV)/bin/lint-imports --no-cache
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q
 
 test-all: $(STAMP)

@@ -20,8 +20,8 @@ import torch
 
 from common import (base_parser, build_model, interleaved, machine_line, paired_ratios,
                     print_table, setup)
-from nsn_cli.budget import set_budget
-from nsn_cli.convert import convert_model
+from nsn_cli.nested.budget import set_budget
+from nsn_cli.stages.convert import convert_model
 from switch import prefill
 
 

@@ -40,8 +40,8 @@ CHILD_ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "fal
 CHILD = r"""
 import json, resource, sys, time
 start = time.perf_counter()
-from nsn_cli.config import ConvertConfig
-from nsn_cli.convert import convert
+from nsn_cli.stages.config import ConvertConfig
+from nsn_cli.stages.convert import convert
 import torch, transformers
 marks = {"imports": time.perf_counter()}
 def peak_kib():

@@ -48,9 +48,9 @@ def measure(project: Path, batches, task: str, labels) -> dict[float, dict]:
 
 def run_objective(work: Path, source: Path, task: str, train: Path, name: str, seed: int,
                   steps: int, batches, labels, seq_len: int) -> dict[float, float]:
-    from nsn_cli.config import ConvertConfig, FinetuneConfig
-    from nsn_cli.convert import convert
-    from nsn_cli.finetune import finetune
+    from nsn_cli.stages.config import ConvertConfig, FinetuneConfig
+    from nsn_cli.stages.convert import convert
+    from nsn_cli.stages.finetune.trainer import finetune
 
     objective, distill = OBJECTIVES[name]
     project = work / f"{task}-{objective}-{int(distill)}-{seed}"
@@ -64,7 +64,7 @@ def run_objective(work: Path, source: Path, task: str, train: Path, name: str, s
 
 
 def run_setup(name: str, work: Path, args) -> str:
-    from nsn_cli.loading import load_source
+    from nsn_cli.project.loading import load_source
 
     if name == "seq-cls":
         train, test = quality.split_topics(work)
@@ -94,8 +94,8 @@ def run_setup(name: str, work: Path, args) -> str:
 
 
 def measure_truncated(work: Path, source: Path, task: str, batches, labels) -> dict:
-    from nsn_cli.config import ConvertConfig
-    from nsn_cli.convert import convert
+    from nsn_cli.stages.config import ConvertConfig
+    from nsn_cli.stages.convert import convert
 
     project = work / f"{task}-truncated"
     convert(ConvertConfig(model=str(source), out_dir=str(project), task=task))

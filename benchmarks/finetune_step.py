@@ -25,13 +25,13 @@ import torch
 
 from common import (base_parser, build_model, interleaved, machine_line, paired_ratios,
                     print_table, seconds, setup)
-from nsn_cli.config import FinetuneConfig
-from nsn_cli.convert import convert_model
-from nsn_cli.data import TaskData
-from nsn_cli.distributed import Dist
-from nsn_cli.finetune import Trainer
-from nsn_cli.finetune_setup import Inputs
-from nsn_cli.objective import DEFAULT_LADDER, ladder_settings
+from nsn_cli.stages.config import FinetuneConfig
+from nsn_cli.stages.convert import convert_model
+from nsn_cli.project.data import TaskData
+from nsn_cli.stages.finetune.distributed import Dist
+from nsn_cli.stages.finetune.trainer import Trainer
+from nsn_cli.stages.finetune.setup import Inputs
+from nsn_cli.stages.finetune.objective import DEFAULT_LADDER, ladder_settings
 
 
 def parse_args():

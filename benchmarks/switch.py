@@ -20,8 +20,8 @@ import torch
 
 from common import (Spread, base_parser, build_model, is_decoder, machine_line, print_table,
                     setup, time_call)
-from nsn_cli.budget import set_budget
-from nsn_cli.convert import convert_model
+from nsn_cli.nested.budget import set_budget
+from nsn_cli.stages.convert import convert_model
 from nsn_cli.errors import BudgetError
 
 SWITCHES = ((1.0, 0.75), (0.75, 0.5), (0.5, 0.4), (0.4, 1.0), (1.0, 0.9), (0.9, 1.0))

@@ -7,21 +7,25 @@ The public Python API::
     nsn_cli.set_rank(model, fraction=0.25)
     nsn_cli.set_budget(model, 0.5)
 
+    model = AutoModelForCausalLM.from_pretrained(...)   # or any HF model
+    nsn_cli.convert_model(model)                          # nest it in place
+
 Heavy imports (torch, transformers) happen on first use, so `nsn --help` stays instant.
 """
 
-__version__ = "0.1.0"
+from nsn_cli.version import __version__
 
-__all__ = ["load", "set_rank", "set_budget", "flops_per_token", "__version__"]
+__all__ = ["load", "set_rank", "set_budget", "flops_per_token", "convert_model", "__version__"]
+
+# public name -> the module that defines it
+_EXPORTS = {"load": "nsn_cli.project.loading", "set_rank": "nsn_cli.nested.budget",
+            "set_budget": "nsn_cli.nested.budget", "flops_per_token": "nsn_cli.nested.budget",
+            "convert_model": "nsn_cli.stages.convert"}
 
 
 def __getattr__(name):
-    if name == "load":
-        from .loading import load
+    if name in _EXPORTS:
+        import importlib
 
-        return load
-    if name in ("set_rank", "set_budget", "flops_per_token"):
-        from . import budget
-
-        return getattr(budget, name)
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
     raise AttributeError(f"module 'nsn_cli' has no attribute {name!r}")

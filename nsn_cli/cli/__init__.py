@@ -1,0 +1,1 @@
+"""The interface: the Typer app, recipes and their runner, and every Rich table."""

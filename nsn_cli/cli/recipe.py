@@ -1,0 +1,201 @@
+"""Recipes: TOML files naming a model, data and every stage's settings.
+
+A recipe's stage tables use exactly the flags of that stage's command: the keys are
+checked against the stage config dataclasses in `config.py` (the one source of truth).
+Everything is validated before any work starts, and an error names the file, the line
+and the key.
+
+    model = "gpt2"            # top level: model, task, data (shared by the stages)
+    task = "causal-lm"
+    data = "wikitext"
+
+    [convert]
+    targets = "all"
+    [finetune]
+    steps = 200
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import tomllib
+import typing
+from dataclasses import MISSING, dataclass, fields
+from pathlib import Path
+
+from nsn_cli.stages.config import STAGE_CONFIGS
+from nsn_cli.errors import UsageError
+
+STAGES = ("convert", "finetune", "profile", "frontier")
+TOP_LEVEL = {"name": str, "description": str, "model": str, "task": str, "data": str}
+# Filled in by `nsn run` itself, never by a recipe.
+RUNNER_KEYS = {"out_dir", "project", "force", "dry_run", "resume"}
+# Top-level keys and the stage fields they feed.
+SHARED = {"model": [("convert", "model")], "task": [("convert", "task")],
+          "data": [("finetune", "data"), ("profile", "data")]}
+
+
+@dataclass
+class Recipe:
+    path: Path
+    text: str
+    name: str
+    stages: dict[str, dict]  # stage -> resolved keyword arguments for its config
+
+    @property
+    def sha256(self) -> str:
+        return hashlib.sha256(self.text.encode("utf-8")).hexdigest()
+
+
+def line_of(text: str, table: str | None, key: str) -> int | None:
+    """The line where `key` is set inside `[table]` (None: the top level)."""
+    current = None
+    for number, line in enumerate(text.splitlines(), start=1):
+        header = re.match(r"\s*\[([^\[\]]+)\]\s*(#.*)?$", line)
+        if header:
+            current = header.group(1).strip()
+        elif current == table and re.match(rf"\s*{re.escape(key)}\s*=", line):
+            return number
+    return None
+
+
+def fail(path: Path, text: str, table: str | None, key: str, message: str):
+    line = line_of(text, table, key)
+    where = f"{path}:{line}" if line else str(path)
+    label = f"{table}.{key}" if table else key
+    raise UsageError(f"{where}: {label}: {message}")
+
+
+def type_ok(value, annotation: str) -> bool:
+    """Does a TOML value fit a dataclass field annotation such as 'int | None'?"""
+    allowed = {part.strip() for part in annotation.split("|")}
+    checks = {"int": lambda v: isinstance(v, int) and not isinstance(v, bool),
+              "float": lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),
+              "str": lambda v: isinstance(v, str), "bool": lambda v: isinstance(v, bool),
+              "None": lambda v: False}
+    for kind in allowed:
+        base = kind.split("[", 1)[0]
+        if base in ("list", "tuple") and isinstance(value, list):
+            return True
+        if base in checks and checks[base](value):
+            return True
+    return False
+
+
+def stage_fields(stage: str) -> dict[str, str]:
+    return {f.name: str(f.type) for f in fields(STAGE_CONFIGS[stage])}
+
+
+def parse(path: Path, text: str) -> dict:
+    try:
+        return tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise UsageError(f"{path}: not valid TOML: {exc}") from None
+
+
+def load_recipe(path, overrides: typing.Sequence[str] = ()) -> Recipe:
+    """Read, override (`stage.key=value`) and validate a recipe; no work is done."""
+    path = Path(path)
+    if not path.is_file():
+        raise UsageError(f"recipe {path} not found")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise UsageError(f"{path}: not UTF-8 text") from None
+    raw = parse(path, text)
+    for override in overrides:
+        apply_override(raw, override)
+    stages = resolve(path, text, raw)
+    anchor_paths(stages, path.parent)
+    return Recipe(path, text, str(raw.get("name") or path.stem), stages)
+
+
+PATH_KEYS = {("convert", "model"), ("convert", "calib"), ("finetune", "data"), ("profile", "data")}
+
+
+def anchor_paths(stages: dict[str, dict], base: Path) -> None:
+    """A relative path that exists next to the recipe is read from there, wherever nsn runs."""
+    for stage, key in PATH_KEYS:
+        value = stages.get(stage, {}).get(key)
+        if isinstance(value, str) and not Path(value).is_absolute() and (base / value).exists():
+            stages[stage][key] = str((base / value).resolve())
+
+
+def resolve(path: Path, text: str, raw: dict) -> dict[str, dict]:
+    stages: dict[str, dict] = {s: {} for s in STAGES if s in STAGE_CONFIGS}
+    for key, value in raw.items():
+        if isinstance(value, dict):
+            if key not in stages:
+                fail(path, text, None, key, f"unknown stage table [{key}] "
+                     f"(stages: {', '.join(stages)})")
+            continue
+        if key not in TOP_LEVEL:
+            fail(path, text, None, key, f"unknown key (top-level keys: {', '.join(TOP_LEVEL)})")
+        if not isinstance(value, TOP_LEVEL[key]):
+            fail(path, text, None, key, f"must be a {TOP_LEVEL[key].__name__}")
+        for stage, field_name in SHARED.get(key, []):
+            if stage in stages:
+                stages[stage][field_name] = value
+    for stage in stages:
+        table = raw.get(stage, {})
+        known = stage_fields(stage)
+        for key, value in table.items():
+            if key not in known or key in RUNNER_KEYS:
+                fail(path, text, stage, key, f"unknown key for {stage} "
+                     f"(see `nsn {stage} --help`)")
+            if not type_ok(value, known[key]):
+                fail(path, text, stage, key, f"wrong type {type(value).__name__}, "
+                     f"expected {known[key]}")
+            stages[stage][key] = value
+    if not stages.get("convert", {}).get("model"):
+        fail(path, text, None, "model", "missing: a recipe must name its model")
+    return stages
+
+
+def apply_override(raw: dict, override: str) -> None:
+    """`finetune.steps=200` → raw['finetune']['steps'] = 200 (value parsed as TOML)."""
+    key, sep, value = override.partition("=")
+    if not sep or not key.strip():
+        raise UsageError(f"--set {override!r}: expected stage.key=value")
+    try:
+        parsed = tomllib.loads(f"v = {value}")["v"]
+    except tomllib.TOMLDecodeError:
+        parsed = value  # a bare word is a string
+    table, _, name = key.strip().rpartition(".")
+    target = raw.setdefault(table, {}) if table else raw
+    if not isinstance(target, dict):
+        raise UsageError(f"--set {override!r}: {table} is not a table")
+    target[name] = parsed
+
+
+def build_config(stage: str, values: dict, **runner):
+    """The stage config dataclass from recipe values plus what the runner fills in."""
+    cls = STAGE_CONFIGS[stage]
+    names = {f.name for f in fields(cls)}
+    kwargs = {k: v for k, v in {**values, **runner}.items() if k in names}
+    missing = [f.name for f in fields(cls) if f.default is MISSING
+               and f.default_factory is MISSING and f.name not in kwargs]
+    if missing:
+        raise UsageError(f"stage {stage} needs {', '.join(missing)}")
+    return cls(**kwargs)
+
+
+def check_model(recipe: Recipe) -> None:
+    """Fail now, not after minutes of work, when the recipe's model cannot be found."""
+    from nsn_cli.project.loading import looks_like_path, packaged_copy
+
+    model = recipe.stages["convert"]["model"]
+    if packaged_copy(model):
+        return
+    if looks_like_path(model):
+        if not Path(model).expanduser().is_dir():
+            fail(recipe.path, recipe.text, None, "model", f"model directory {model} does not exist")
+        return
+    from transformers import AutoConfig
+
+    try:
+        AutoConfig.from_pretrained(model)
+    except (OSError, ValueError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        fail(recipe.path, recipe.text, None, "model", f"cannot find model {model!r}: {first}")

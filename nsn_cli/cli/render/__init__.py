@@ -1,0 +1,1 @@
+"""Rich output for the commands: progress bars, tables and banners (no computation)."""

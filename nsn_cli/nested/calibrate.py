@@ -1,0 +1,171 @@
+"""Calibration: the input second moment XᵀX of each target layer, over real data.
+
+Activation-aware SVD (decompose.whitened_svd_factors) needs, for every layer it
+factors, C = Σ xxᵀ over the rows x that reach the layer. Forward hooks collect it
+during plain forward passes of the dense model: each batch's product in float32,
+the running sum over batches in float64 (sums over many thousand rows lose digits in
+float32).
+
+Memory: one d_in × d_in float64 matrix per layer. For small and medium models that is
+little (BERT-base: 72 layers, ~0.5 GB; GPT-2 small ~0.6 GB), but a 7B model would need
+tens of GB at once, so layers are split into groups under `max_bytes` and each group
+gets its own pass over the calibration batches. Layers that read the same tensor
+(q, k and v of one attention block) share one matrix.
+
+Padding never counts: when a layer sees one row per token, rows at masked positions
+are dropped before accumulating.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Iterable, Iterator
+
+import torch
+from torch import nn
+
+from nsn_cli.errors import DataError, UsageError
+from nsn_cli.nested.surgery import candidate_layers, dense_weight
+
+MAX_BYTES = 4 << 30  # second moments held at once before splitting into several passes
+
+
+@dataclass
+class Moments:
+    """Per-layer input second moments (float64, unnormalised) and the rows behind them."""
+
+    xtx: dict[str, torch.Tensor] = field(default_factory=dict)
+    rows: dict[str, int] = field(default_factory=dict)
+
+    def normalised(self, name: str) -> torch.Tensor:
+        """E[xxᵀ]: XᵀX divided by the rows seen (the scale whitening expects)."""
+        return self.xtx[name] / max(self.rows[name], 1)
+
+
+def moment_groups(sizes: dict[str, int], max_bytes: int = MAX_BYTES) -> list[list[str]]:
+    """Split layers (name -> d_in) into groups whose float64 moments fit in `max_bytes`.
+
+    A single layer larger than the limit still gets a group of its own.
+    """
+    groups: list[list[str]] = [[]]
+    used = 0
+    for name, d_in in sizes.items():
+        need = 8 * d_in * d_in
+        if groups[-1] and used + need > max_bytes:
+            groups.append([])
+            used = 0
+        groups[-1].append(name)
+        used += need
+    return [g for g in groups if g]
+
+
+def collect_moments(model: nn.Module, names: list[str], batches: Callable[[], Iterable[dict]],
+                    max_bytes: int = MAX_BYTES,
+                    on_batch: Callable[[], None] | None = None) -> Moments:
+    """XᵀX of each named layer's input over every batch `batches()` yields.
+
+    `batches` is called once per pass (one pass per group of layers that fits in
+    memory), so it must yield the same batches each time.
+    """
+    layers = candidate_layers(model)
+    missing = [n for n in names if n not in layers]
+    if missing:
+        raise UsageError(f"cannot calibrate {missing[0]}: not a linear layer of this model")
+    sizes = {n: dense_weight(layers[n]).shape[1] for n in names}
+    moments = Moments()
+    for group in moment_groups(sizes, max_bytes):
+        accumulate_group(model, {n: layers[n] for n in group}, batches, moments, on_batch)
+    empty = [n for n in names if moments.rows.get(n, 0) == 0]
+    if empty:
+        raise DataError(f"calibration never reached {empty[0]} (no data rows passed through it)")
+    return moments
+
+
+def accumulate_group(model: nn.Module, layers: dict[str, nn.Module],
+                     batches: Callable[[], Iterable[dict]], moments: Moments,
+                     on_batch: Callable[[], None] | None) -> None:
+    """One pass over the batches, adding each layer's XᵀX into `moments`."""
+    state = {"mask": None, "last": None}
+
+    def hook(module, args, _out, name):
+        x = args[0].detach()
+        last = state["last"]
+        if last is not None and last[0] is args[0] and last[1] in moments.xtx:
+            # The very tensor the previous layer read (q, k, v of one block): share.
+            moments.xtx[name] = moments.xtx[last[1]]
+            moments.rows[name] = moments.rows[last[1]]
+            return
+        state["last"] = (args[0], name)
+        rows = token_rows(x, state["mask"])
+        if name not in moments.xtx:
+            moments.xtx[name] = torch.zeros(rows.shape[1], rows.shape[1], dtype=torch.float64)
+            moments.rows[name] = 0
+        # One batch's sum in (at least) float32, the running sum over batches in float64:
+        # half the time of a float64 product, and batch sums are short enough to stay exact
+        # to ~1e-6.
+        wide = rows.to(torch.promote_types(rows.dtype, torch.float32))
+        moments.xtx[name] += (wide.T @ wide).to(torch.float64)
+        moments.rows[name] += rows.shape[0]
+
+    handles = [m.register_forward_hook(lambda mod, a, o, n=n: hook(mod, a, o, n))
+               for n, m in layers.items()]
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            for batch in batches():
+                state["mask"], state["last"] = batch.get("attention_mask"), None
+                model(**{k: v for k, v in batch.items() if k in ("input_ids", "attention_mask")})
+                if on_batch is not None:
+                    on_batch()
+    finally:
+        model.train(was_training)
+        for handle in handles:
+            handle.remove()
+
+
+def token_rows(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """The rows of `x` (…, d_in) that belong to real tokens, as a 2-D matrix."""
+    flat = x.reshape(-1, x.shape[-1])
+    if mask is not None and x.dim() == 3 and tuple(x.shape[:2]) == tuple(mask.shape):
+        if bool(mask.all()):
+            return flat
+        return flat.index_select(0, mask.reshape(-1).nonzero().squeeze(1))
+    return flat
+
+
+def iterate(batches: list[dict]) -> Callable[[], Iterator[dict]]:
+    """A re-iterable source over a fixed list of batches (one call per pass)."""
+    return lambda: iter(batches)
+
+
+# ---------------------------------------------------------------- activation-aware surgery
+
+def nest_activation_aware(model: nn.Module, specs: list, batches: Callable[[], Iterable[dict]],
+                          max_bytes: int = MAX_BYTES, damping: float | None = None,
+                          on_layer: Callable | None = None) -> dict[str, torch.Tensor]:
+    """Nest `specs` with whitened SVD, one memory-bounded group of layers at a time.
+
+    Each group gets a calibration pass, is factored, and its moments are dropped before
+    the next group's pass. Layers nested earlier run at full rank, which reproduces the
+    dense layer, so later passes see the same inputs. Returns each layer's component
+    output energies (squared whitened singular values) for the global allocation.
+    """
+    from nsn_cli.nested.decompose import DAMPING, whitened_svd
+    from nsn_cli.nested.surgery import nest_model
+
+    energies: dict[str, torch.Tensor] = {}
+    sizes = {s.name: s.d_in for s in specs}
+    for group in moment_groups(sizes, max_bytes):
+        moments = collect_moments(model, group, batches, max_bytes=max(max_bytes, 1 << 62))
+
+        def factor(name, weight, rank, moments=moments):
+            A, B, S = whitened_svd(weight, moments.normalised(name), rank,
+                                   DAMPING if damping is None else damping)
+            energies[name] = S.to(torch.float64) ** 2
+            del moments.xtx[name]  # a matrix shared by q/k/v lives until its last user
+            return A, B
+
+        nest_model(model, [s for s in specs if s.name in set(group)], factor_fn=factor,
+                   on_layer=on_layer)
+    return energies

@@ -1,0 +1,198 @@
+"""Training checkpoints: written atomically, found through an index, never pickled.
+
+    finetune/checkpoints/
+      index.json            {"latest": "step-000200", "checkpoints": [...]} (written last)
+      step-000200/
+        config.json         the model's HF config (the architecture to rebuild)
+        tokenizer/          the tokenizer files (a resume never needs DIR/model/)
+        model.safetensors   every model tensor (tied tensors stored once)
+        optimizer.safetensors  optimizer state tensors, log-variances, torch RNG state
+        state.json          step, data position, log-variances, optimizer scalars and
+                            param groups, the training config, sizes of the files above
+
+A checkpoint is built in a hidden sibling directory and renamed into place, then the
+index is rewritten (atomically) to name it. The newest complete checkpoint is the one
+the index names, not whatever a directory listing shows: a crash at any moment leaves
+either the previous index (and a stray directory that is cleaned up later) or the new
+one. `state.json` records each file's size, so a damaged checkpoint is skipped rather
+than loaded.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from nsn_cli.errors import ProjectError
+from nsn_cli.project.files import atomic_write_json
+from nsn_cli.project.staging import staging_dir
+
+INDEX = "index.json"
+STATE = "state.json"
+MODEL_FILE = "model.safetensors"
+OPTIMIZER_FILE = "optimizer.safetensors"
+TOKENIZER_DIR = "tokenizer"
+FORMAT = 1
+
+
+def checkpoint_name(step: int) -> str:
+    return f"step-{step:06d}"
+
+
+@dataclass
+class Checkpoint:
+    path: Path
+    state: dict  # the parsed state.json
+
+    @property
+    def step(self) -> int:
+        return int(self.state["step"])
+
+
+# ---------------------------------------------------------------- optimizer state
+
+def flatten_optimizer(optimizer: torch.optim.Optimizer) -> tuple[dict, dict]:
+    """(tensors, json) holding an optimizer's state_dict without pickle."""
+    sd = optimizer.state_dict()
+    tensors, scalars = {}, {}
+    for param_id, entry in sd["state"].items():
+        for key, value in entry.items():
+            if torch.is_tensor(value):
+                tensors[f"state.{param_id}.{key}"] = value.detach().contiguous().cpu()
+            else:
+                scalars.setdefault(str(param_id), {})[key] = value
+    groups = [{k: (list(v) if isinstance(v, tuple) else v) for k, v in g.items()}
+              for g in sd["param_groups"]]
+    return tensors, {"scalars": scalars, "param_groups": groups}
+
+
+def unflatten_optimizer(tensors: dict, meta: dict) -> dict:
+    state: dict[int, dict] = {}
+    for name, value in tensors.items():
+        if name.startswith("state."):
+            _, param_id, key = name.split(".", 2)
+            state.setdefault(int(param_id), {})[key] = value
+    for param_id, entry in meta["scalars"].items():
+        state.setdefault(int(param_id), {}).update(entry)
+    groups = [{k: (tuple(v) if k == "betas" else v) for k, v in g.items()}
+              for g in meta["param_groups"]]
+    return {"state": state, "param_groups": groups}
+
+
+# ---------------------------------------------------------------- save
+
+def save_checkpoint(root: Path, step: int, model: nn.Module, optimizer: torch.optim.Optimizer,
+                    log_vars: torch.Tensor, state: dict, keep: int = 2,
+                    tokenizer=None) -> Path:
+    """Write checkpoint `step` under `root` atomically, point the index at it, prune."""
+    from safetensors.torch import save_file, save_model
+
+    root = Path(root)
+    final = root / checkpoint_name(step)
+    with staging_dir(final) as tmp:
+        model.config.to_json_file(str(tmp / "config.json"))
+        if tokenizer is not None:
+            tokenizer.save_pretrained(str(tmp / TOKENIZER_DIR))
+        save_model(model, str(tmp / MODEL_FILE), metadata={"format": "pt"})
+        tensors, optimizer_meta = flatten_optimizer(optimizer)
+        tensors["objective.log_vars"] = log_vars.detach().cpu().contiguous()
+        tensors["rng.torch"] = torch.get_rng_state()
+        save_file(tensors, str(tmp / OPTIMIZER_FILE), metadata={"format": "pt"})
+        sizes = {p.relative_to(tmp).as_posix(): p.stat().st_size
+                 for p in sorted(tmp.rglob("*")) if p.is_file()}
+        atomic_write_json(tmp / STATE, {"format": FORMAT, **state, "step": step,
+                                        "log_vars": log_vars.detach().cpu().tolist(),
+                                        "optimizer": optimizer_meta, "files": sizes})
+    names = [n for n in read_index(root) if n != final.name and (root / n).is_dir()]
+    names.append(final.name)
+    keep = max(1, keep)
+    kept, dropped = names[-keep:], names[:-keep]
+    atomic_write_json(root / INDEX, {"format": FORMAT, "latest": final.name,
+                                     "checkpoints": kept})
+    for name in dropped:
+        shutil.rmtree(root / name, ignore_errors=True)
+    return final
+
+
+# ---------------------------------------------------------------- find and load
+
+def read_index(root: Path) -> list[str]:
+    """Checkpoint names the index lists, oldest first ([] when there is no usable index)."""
+    try:
+        doc = json.loads((Path(root) / INDEX).read_text(encoding="utf-8"))
+        names = doc["checkpoints"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return []
+    return [n for n in names if isinstance(n, str) and n.startswith("step-") and "/" not in n]
+
+
+def complete(path: Path) -> dict | None:
+    """The parsed state.json of a checkpoint whose files are all there, else None."""
+    try:
+        state = json.loads((path / STATE).read_text(encoding="utf-8"))
+        sizes = state["files"]
+        ok = all((path / name).stat().st_size == size for name, size in sizes.items())
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return None
+    return state if ok and state.get("format") == FORMAT else None
+
+
+def find_latest(root: Path) -> Checkpoint | None:
+    """The newest complete checkpoint the index names (None if there is none)."""
+    for name in reversed(read_index(root)):
+        state = complete(Path(root) / name)
+        if state is not None:
+            return Checkpoint(Path(root) / name, state)
+    return None
+
+
+def clean_strays(root: Path) -> None:
+    """Remove half-written staging directories and checkpoints the index does not list."""
+    root = Path(root)
+    if not root.is_dir():
+        return
+    listed = set(read_index(root))
+    for child in root.iterdir():
+        stray = child.name.startswith(".") or (child.name.startswith("step-")
+                                               and child.name not in listed)
+        if child.is_dir() and stray:
+            shutil.rmtree(child, ignore_errors=True)
+
+
+def read_config(checkpoint: Checkpoint):
+    from transformers import AutoConfig
+
+    return AutoConfig.from_pretrained(str(checkpoint.path))
+
+
+def restore(checkpoint: Checkpoint, model: nn.Module, optimizer: torch.optim.Optimizer,
+            log_vars: torch.Tensor) -> None:
+    """Load weights, optimizer state, log-variances and the torch RNG state in place."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file, load_model
+
+    try:
+        missing, unexpected = load_model(model, str(checkpoint.path / MODEL_FILE), strict=False)
+        tensors = load_file(str(checkpoint.path / OPTIMIZER_FILE))
+    except (SafetensorError, OSError, RuntimeError) as exc:
+        raise ProjectError(f"checkpoint {checkpoint.path} cannot be read: "
+                           f"{str(exc).splitlines()[0]}") from None
+    if missing or unexpected:
+        raise ProjectError(f"checkpoint {checkpoint.path} does not match the model "
+                           f"({len(missing)} missing, {len(unexpected)} unexpected tensors)")
+    with torch.no_grad():
+        log_vars.copy_(tensors.pop("objective.log_vars"))
+    torch.set_rng_state(tensors.pop("rng.torch"))
+    optimizer.load_state_dict(unflatten_optimizer(tensors, checkpoint.state["optimizer"]))
+
+
+def reset(root: Path) -> None:
+    """Forget every checkpoint (a fresh run); the index goes first so none is half-found."""
+    root = Path(root)
+    (root / INDEX).unlink(missing_ok=True)
+    shutil.rmtree(root, ignore_errors=True)

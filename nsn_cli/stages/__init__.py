@@ -1,0 +1,1 @@
+"""Each pipeline stage with its config: convert, finetune, profile, frontier, export."""

@@ -1,0 +1,1 @@
+"""`nsn finetune`: joint multi-rank training (trainer, set-up, objective, logs, processes)."""

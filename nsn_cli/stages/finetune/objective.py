@@ -1,0 +1,153 @@
+"""The joint multi-rank objective: the rank ladder, the per-step rank sampler and the loss.
+
+* The ladder is a short list of rank fractions (default geometric, 1/16 … 1). A ladder
+  point maps to per-layer ranks through one function, `allocation.ranks_at`: the same
+  fraction of R everywhere, or, when the project carries a global per-layer ordering,
+  the prefix of that ordering costing the same FLOPs.
+* Each step trains the top point plus `ranks_per_step − 1` points drawn from the rest.
+  The draw depends only on (seed, step), so a resumed run draws exactly what an
+  uninterrupted one would, and every DDP process draws the same points.
+* Loss `Σ_k exp(−s_k)·L_k + s_k` with one learned log-variance `s_k` per ladder point
+  (Kendall et al. 2018). Setting the derivative in s_k to zero gives exp(−s_k) = 1/L_k:
+  each rank's gradient is that of log L_k, so a rank with a large loss cannot drown the
+  others and a rank with a small one is not ignored. `uniform` is the plain average.
+* `distill` adds, for every rank below the top, the KL divergence from the detached
+  top-rank distribution to the rank's own (the top rank teaches the lower ones).
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from nsn_cli.errors import UsageError
+
+DEFAULT_LADDER = (0.0625, 0.125, 0.25, 0.5, 1.0)
+OBJECTIVES = ("uncertainty", "uniform")
+
+
+def parse_ladder(spec) -> list[float]:
+    """Rank fractions from a list or a comma string, sorted; each in (0, 1], no repeats."""
+    if isinstance(spec, str):
+        parts = [p.strip() for p in spec.split(",") if p.strip()]
+    elif isinstance(spec, (list, tuple)):
+        parts = list(spec)
+    else:
+        raise UsageError(f"--ladder must be a list or comma-separated fractions, got {spec!r}")
+    try:
+        fractions = [float(p) for p in parts]
+    except (TypeError, ValueError):
+        raise UsageError(f"--ladder must hold numbers, got {spec!r}") from None
+    if not fractions:
+        raise UsageError("--ladder is empty")
+    bad = [f for f in fractions if not (0 < f <= 1) or math.isnan(f)]
+    if bad:
+        raise UsageError(f"--ladder fractions must be in (0, 1], got {bad[0]}")
+    if len(set(fractions)) != len(fractions):
+        raise UsageError(f"--ladder repeats a fraction: {spec!r}")
+    return sorted(fractions)
+
+
+def ladder_settings(model: nn.Module, ladder: list[float]) -> list[dict[str, int]]:
+    """Per-layer ranks of every ladder point (lowest first)."""
+    from nsn_cli.nested.allocation import ranks_at
+
+    return [ranks_at(model, fraction) for fraction in ladder]
+
+
+def ranks_for_step(ladder_size: int, ranks_per_step: int, seed: int, step: int) -> list[int]:
+    """Ladder indices trained at `step`: the top one first, then the sampled ones (falling).
+
+    A string seed is hashed with SHA-512 by `random`, so the draw is the same in every
+    process and every run, whatever PYTHONHASHSEED is.
+    """
+    top = ladder_size - 1
+    count = min(max(ranks_per_step - 1, 0), top)
+    drawn = random.Random(f"nsn-ladder:{seed}:{step}").sample(range(top), count)
+    return [top] + sorted(drawn, reverse=True)
+
+
+class RankWeights(nn.Module):
+    """The learned log-variances s_k (one per ladder point) and how they weight losses."""
+
+    def __init__(self, ladder_size: int, objective: str = "uncertainty"):
+        super().__init__()
+        if objective not in OBJECTIVES:
+            raise UsageError(f"--objective must be one of {', '.join(OBJECTIVES)}, "
+                             f"got {objective!r}")
+        self.objective = objective
+        self.log_vars = nn.Parameter(torch.zeros(ladder_size),
+                                     requires_grad=objective == "uncertainty")
+
+    def term(self, index: int, loss: torch.Tensor, active: int) -> torch.Tensor:
+        """This rank's share of the step objective (`active` ranks take part in the step)."""
+        if self.objective == "uniform":
+            return loss / active
+        s = self.log_vars[index]
+        return torch.exp(-s) * loss + s
+
+    def weight(self, index: int, active: int) -> float:
+        """The factor multiplying L_k in the objective: exp(−s_k), or 1/active."""
+        if self.objective == "uniform":
+            return 1.0 / active
+        return float(torch.exp(-self.log_vars[index].detach()))
+
+    def weights(self) -> list[float]:
+        return torch.exp(-self.log_vars.detach()).tolist()
+
+
+# ---------------------------------------------------------------- losses
+
+def token_targets(batch: dict) -> torch.Tensor:
+    """Next-token targets of a causal LM batch; padding never counts as a target."""
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    return ids[:, 1:].masked_fill(mask[:, 1:] == 0, -100)
+
+
+def task_loss(task: str, logits: torch.Tensor, batch: dict) -> torch.Tensor:
+    """Mean cross-entropy per predicted token (causal LM) or per row (classification)."""
+    logits = logits.float()
+    if task == "causal-lm":
+        targets = token_targets(batch)
+        return F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]),
+                               targets.reshape(-1), ignore_index=-100)
+    return F.cross_entropy(logits, batch["labels"])
+
+
+@dataclass
+class Teacher:
+    """The top rank's output distribution, prepared once per batch for every lower rank."""
+
+    probs: torch.Tensor  # p_top over the classes (or next tokens), detached
+    neg_entropy: torch.Tensor  # Σ p_top·log p_top per row: the constant part of the KL
+
+
+def teacher_from(task: str, logits: torch.Tensor) -> Teacher:
+    with torch.no_grad():
+        log_p = F.log_softmax(predicting(task, logits).float(), dim=-1)
+        probs = log_p.exp()
+        return Teacher(probs, (probs * log_p).sum(dim=-1))
+
+
+def predicting(task: str, logits: torch.Tensor) -> torch.Tensor:
+    """The positions that predict something (a causal LM's last position predicts nothing)."""
+    return logits[:, :-1] if task == "causal-lm" else logits
+
+
+def distill_loss(task: str, logits: torch.Tensor, teacher: Teacher, batch: dict) -> torch.Tensor:
+    """KL(p_top ‖ p_rank) per predicted token (or row).
+
+    KL = Σ p_top·log p_top − Σ p_top·log p_rank; the first sum is fixed by the teacher,
+    so each rank costs one log-softmax and one weighted sum, not two softmaxes.
+    """
+    log_q = F.log_softmax(predicting(task, logits).float(), dim=-1)
+    kl = teacher.neg_entropy - (teacher.probs * log_q).sum(dim=-1)
+    if task == "causal-lm":
+        keep = (token_targets(batch) != -100).to(kl.dtype)
+        return (kl * keep).sum() / keep.sum().clamp_min(1)
+    return kl.mean()

@@ -1,0 +1,387 @@
+"""The finetune stage: joint multi-rank training that makes every rank of a project good.
+
+Reads `DIR/nsn.json` and `DIR/model/`, trains with the objective of `objective.py` in
+an explicit loop (AdamW, warmup + cosine, clipping, accumulation, fp32 or bf16 autocast),
+and writes `DIR/finetune/` (metrics.csv, eval.csv, checkpoints/) and, at the end, the
+trained model over `DIR/model/` (atomically) and the stage record in `nsn.json`.
+
+Everything a step does is a function of (seed, step): the rows it reads, the ladder
+ranks it trains, the dropout masks. With the weights, optimizer state and log-variances
+restored from a checkpoint, a resumed run therefore repeats the uninterrupted run.
+Every input is checked before anything is written, so a bad flag, file or project
+leaves the directory untouched.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import math
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from nsn_cli.project import checkpoint as ckpt
+from nsn_cli.nested.budget import apply_ranks
+from nsn_cli.stages.config import FinetuneConfig
+from nsn_cli.project.data import pad_batch
+from nsn_cli.stages.finetune.distributed import Dist, setup, sync_context, wrap
+from nsn_cli.errors import TrainingError
+from nsn_cli.stages.finetune.logs import (EVAL_FILE, METRIC_COLUMNS, METRICS_FILE, CsvLog, eval_rows,
+                            metric_rows)
+from nsn_cli.stages.finetune.setup import CHECKPOINTS, FINETUNE_DIR, Inputs, load_inputs, validate
+from nsn_cli.project.lock import project_lock
+from nsn_cli.stages.finetune.objective import RankWeights, distill_loss, ranks_for_step, task_loss, teacher_from
+from nsn_cli.project.manifest import MODEL_DIR, mark_unfinished, record_stage
+from nsn_cli.project.files import file_record, folder_records
+from nsn_cli.project.safety import refuse_nonfinite
+from nsn_cli.project.staging import staging_dir
+
+MIN_LR_RATIO = 0.1  # cosine decays to a tenth of the peak
+HISTORY = 1000  # step reports a result keeps (metrics.csv has them all)
+
+
+@dataclass
+class StepReport:
+    step: int  # optimizer steps done
+    losses: dict[float, float]  # ladder fraction -> task loss at that rank
+    distill: dict[float, float]  # ladder fraction -> KL to the top rank (0 without --distill)
+    weights: dict[float, float]  # ladder fraction -> its factor in the objective
+    lr: float
+    tokens: int  # data tokens in the step, over all processes
+    tokens_per_s: float
+
+
+@dataclass
+class FinetuneResult:
+    project: Path
+    summary: dict | None  # None on processes other than 0
+    resumed_from: int | None = None
+    history: list[StepReport] = field(default_factory=list)  # this run's last HISTORY steps
+
+
+# ---------------------------------------------------------------- schedule and data order
+
+def lr_factor(step: int, steps: int, warmup: float) -> float:
+    """Linear warmup over the first `warmup`·steps steps, then cosine decay to a tenth."""
+    warm = int(round(warmup * steps))
+    if step < warm:
+        return (step + 1) / warm
+    progress = (step - warm) / max(1, steps - warm)
+    return MIN_LR_RATIO + (1 - MIN_LR_RATIO) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+class RowStream:
+    """An endless stream of row indices: one seeded permutation per epoch, back to back."""
+
+    def __init__(self, rows: int, seed: int):
+        self.rows, self.seed = rows, seed
+        self._orders: dict[int, list[int]] = {}
+
+    def order(self, epoch: int) -> list[int]:
+        if epoch not in self._orders:
+            gen = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+            self._orders = {epoch: torch.randperm(self.rows, generator=gen).tolist()}
+        return self._orders[epoch]
+
+    def take(self, start: int, count: int) -> list[int]:
+        return [self.order(p // self.rows)[p % self.rows] for p in range(start, start + count)]
+
+
+def seed_step(seed: int, step: int, rank: int) -> None:
+    """Dropout draws depend only on (seed, step, process), never on what ran before."""
+    torch.manual_seed((seed * 1_000_003 + step) * 1_009 + rank)
+
+
+# ---------------------------------------------------------------- the loop
+
+class Trainer:
+    """One training run: the model (DDP-wrapped if needed), optimizer and logs."""
+
+    def __init__(self, cfg: FinetuneConfig, inputs: Inputs, dist: Dist):
+        self.cfg, self.inputs, self.dist = cfg, inputs, dist
+        self.model = inputs.model.to(dist.device).train()
+        self.net = wrap(self.model, dist)
+        self.weights = RankWeights(len(inputs.ladder), cfg.objective).to(dist.device)
+        self.optimizer = build_optimizer(self.model, self.weights, cfg)
+        self.stream = RowStream(len(inputs.data.train), cfg.seed)
+        self.pad_id = inputs.pad_id
+        self.dir = Path(cfg.project) / FINETUNE_DIR
+        self.state: dict = {}  # carried in checkpoints: eval before training, tokens seen
+        self.eval_batches = None
+
+    # -------------------------------------------------------- one step
+
+    def train_step(self, step: int) -> StepReport:
+        """Optimizer step number `step` (0-based); returns what it measured."""
+        cfg, size = self.cfg, len(self.inputs.ladder)
+        start = time.perf_counter()
+        seed_step(cfg.seed, step, self.dist.rank)
+        picked = ranks_for_step(size, cfg.ranks_per_step, cfg.seed, step)
+        lr = self.set_lr(step)
+        sums = torch.zeros(2 * size + 1, dtype=torch.float64)  # losses, distill, tokens
+        for micro in range(cfg.grad_accum):
+            batch = self.micro_batch(step, micro)
+            sums[-1] += float(batch["attention_mask"].sum())
+            teacher = None
+            for j, index in enumerate(picked):
+                last = micro == cfg.grad_accum - 1 and j == len(picked) - 1
+                loss, kl, logits = self.rank_pass(index, batch, teacher, len(picked), last)
+                if cfg.distill and j == 0 and len(picked) > 1:
+                    teacher = teacher_from(self.inputs.task, logits)
+                sums[index] += loss / cfg.grad_accum
+                sums[size + index] += kl / cfg.grad_accum
+        self.dist.mean_(sums[:-1])
+        self.dist.sum_(sums[-1:])
+        fractions = self.inputs.ladder
+        used = {fractions[k]: self.weights.weight(k, len(picked)) for k in picked}
+        self.finish_step(step, sums, picked)
+        seconds = time.perf_counter() - start
+        return StepReport(step + 1, {fractions[k]: float(sums[k]) for k in picked},
+                          {fractions[k]: float(sums[size + k]) for k in picked},
+                          used, lr, int(sums[-1]), float(sums[-1]) / seconds)
+
+    def rank_pass(self, index: int, batch: dict, teacher, active: int, sync: bool):
+        """Forward and backward at one ladder rank; returns (loss, distill, logits)."""
+        apply_ranks(self.model, self.inputs.settings[index])
+        with sync_context(self.net, sync), self.autocast():
+            logits = self.net(**self.inputs.forward_args(batch)).logits
+            loss = task_loss(self.inputs.task, logits, batch)
+            kl = (distill_loss(self.inputs.task, logits, teacher, batch)
+                  if teacher is not None else torch.zeros((), device=loss.device))
+            term = self.weights.term(index, loss + kl, active) / self.cfg.grad_accum
+            term.backward()
+        return float(loss.detach()), float(kl.detach()), logits
+
+    def finish_step(self, step: int, sums: torch.Tensor, picked: list[int]) -> None:
+        """Stop on a non-finite loss or gradient (before any update), then clip and step."""
+        size = len(self.inputs.ladder)
+        for index in picked:
+            value = float(sums[index]) + float(sums[size + index])
+            if not math.isfinite(value):
+                self.stop(f"the loss at rank fraction {self.inputs.ladder[index]:g} became "
+                          f"{value} at step {step + 1}")
+        if self.weights.log_vars.grad is not None:
+            self.dist.mean_(self.weights.log_vars.grad)
+        norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(),
+                                              self.cfg.clip if self.cfg.clip > 0 else math.inf)
+        if not math.isfinite(float(norm)):
+            self.stop(f"the gradient norm became {float(norm)} at step {step + 1}")
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def stop(self, what: str) -> None:
+        raise TrainingError(f"{what}; training stopped and no weights were updated (last good "
+                            f"checkpoint: {self.last_checkpoint_name()}); try a lower --lr")
+
+    def micro_batch(self, step: int, micro: int) -> dict:
+        """This process's shard of global micro-batch (step, micro)."""
+        cfg = self.cfg
+        share = cfg.batch_size // self.dist.world
+        first = (step * cfg.grad_accum + micro) * cfg.batch_size + self.dist.rank * share
+        train = self.inputs.data.train
+        batch = pad_batch([train[i] for i in self.stream.take(first, share)], self.pad_id)
+        return {k: v.to(self.dist.device) for k, v in batch.items()}
+
+    def set_lr(self, step: int) -> float:
+        lr = self.cfg.lr * lr_factor(step, self.cfg.steps, self.cfg.warmup)
+        for group in self.optimizer.param_groups:
+            if group.get("name") != "log_vars":
+                group["lr"] = lr
+        return lr
+
+    def autocast(self):
+        if self.cfg.precision == "bf16":
+            return torch.autocast(self.dist.device.type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    # -------------------------------------------------------- evaluation
+
+    def evaluate(self, indices: list[int]) -> dict[float, dict]:
+        """Held-out metrics at the given ladder points (process 0 only)."""
+        from nsn_cli.stages.evaluate import batches, evaluate
+
+        if self.eval_batches is None:
+            split = self.inputs.data.eval
+            split = split.select(range(min(self.cfg.eval_samples, len(split))))
+            self.eval_batches = batches(split, self.cfg.batch_size, self.pad_id, self.dist.device)
+        results = {}
+        for index in indices:
+            apply_ranks(self.model, self.inputs.settings[index])
+            with self.autocast():
+                results[self.inputs.ladder[index]] = evaluate(
+                    self.model, self.eval_batches, self.inputs.task).metrics
+        return results
+
+    def periodic_eval_indices(self) -> list[int]:
+        """Lowest, middle and top ladder points (all of them on a short ladder)."""
+        size = len(self.inputs.ladder)
+        return sorted({0, size // 2, size - 1})
+
+    # -------------------------------------------------------- checkpoints
+
+    def save(self, step: int) -> Path:
+        refuse_nonfinite(self.model, f"checkpoint {step}")  # never over good checkpoints
+        state = {"samples_seen": step * self.cfg.batch_size * self.cfg.grad_accum,
+                 "train_rows": len(self.inputs.data.train),
+                 "config": self.inputs.resolved, **self.state}
+        return ckpt.save_checkpoint(self.dir / CHECKPOINTS, step, self.model,
+                                    self.optimizer, self.weights.log_vars, state,
+                                    keep=self.cfg.keep_checkpoints,
+                                    tokenizer=self.inputs.tokenizer)
+
+    def last_checkpoint_name(self) -> str:
+        found = ckpt.find_latest(self.dir / CHECKPOINTS)
+        return str(found.path) if found else "none yet"
+
+    def restore(self, checkpoint: ckpt.Checkpoint) -> int:
+        ckpt.restore(checkpoint, self.model, self.optimizer, self.weights.log_vars)
+        self.state = {k: checkpoint.state[k] for k in ("before", "tokens") if k in checkpoint.state}
+        return checkpoint.step
+
+
+def build_optimizer(model, weights: RankWeights, cfg: FinetuneConfig) -> torch.optim.AdamW:
+    """AdamW; decay on matrices only; the log-variances get their own lr and no decay."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [{"params": [p for p in params if p.ndim >= 2], "weight_decay": cfg.weight_decay,
+               "name": "matrices"},
+              {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0,
+               "name": "vectors"}]
+    if weights.log_vars.requires_grad:
+        groups.append({"params": [weights.log_vars], "lr": cfg.scale_lr, "weight_decay": 0.0,
+                       "name": "log_vars"})
+    return torch.optim.AdamW(groups, lr=cfg.lr)
+
+
+# ---------------------------------------------------------------- the stage
+
+@dataclass
+class Callbacks:
+    on_start: Callable[[int, int], None] | None = None  # (total steps, first step)
+    on_step: Callable[[StepReport], None] | None = None
+    on_eval: Callable[[int, dict], None] | None = None  # (step, {fraction: metrics})
+
+    def call(self, name: str, *args) -> None:
+        fn = getattr(self, name)
+        if fn is not None:
+            fn(*args)
+
+
+def finetune(cfg: FinetuneConfig, on_start=None, on_step=None, on_eval=None) -> FinetuneResult:
+    """Run the stage (all processes under torchrun; only process 0 writes or reports)."""
+    ladder = validate(cfg)
+    dist = setup(cfg.device)
+    try:
+        lock = project_lock(Path(cfg.project), "nsn finetune") if dist.is_main \
+            else contextlib.nullcontext()
+        with lock:
+            trainer = Trainer(cfg, load_inputs(cfg, ladder, dist), dist)
+            callbacks = Callbacks(on_start, on_step, on_eval) if dist.is_main else Callbacks()
+            return run(trainer, callbacks)
+    finally:
+        dist.close()
+
+
+def run(trainer: Trainer, callbacks: Callbacks) -> FinetuneResult:
+    cfg, inputs, main = trainer.cfg, trainer.inputs, trainer.dist.is_main
+    everything = list(range(len(inputs.ladder)))
+    start = trainer.restore(inputs.checkpoint) if inputs.checkpoint else 0
+    logs = open_logs(trainer, start) if main else None
+    if main and start == 0:
+        trainer.state["before"] = {str(k): v for k, v in trainer.evaluate(everything).items()}
+        log_eval(trainer, logs, callbacks, 0, trainer.evaluate(everything))
+    elif main and is_eval_point(cfg, start):  # its rows were dropped with the later ones
+        log_eval(trainer, logs, callbacks, start, trainer.evaluate(trainer.periodic_eval_indices()))
+    callbacks.call("on_start", cfg.steps, start)
+    began, history = time.perf_counter(), collections.deque(maxlen=HISTORY)
+    for step in range(start, cfg.steps):
+        report = trainer.train_step(step)
+        trainer.state["tokens"] = trainer.state.get("tokens", 0) + report.tokens
+        history.append(report)
+        if main:
+            logs["metrics"].append(metric_rows(report))
+            callbacks.call("on_step", report)
+            if is_eval_point(cfg, report.step):
+                log_eval(trainer, logs, callbacks, report.step,
+                         trainer.evaluate(trainer.periodic_eval_indices()))
+            if cfg.save_every and report.step % cfg.save_every == 0 and report.step < cfg.steps:
+                trainer.save(report.step)
+    if not main:
+        trainer.dist.barrier()
+        return FinetuneResult(Path(cfg.project), None, start or None, list(history))
+    summary = finalize(trainer, logs, callbacks, start, time.perf_counter() - began)
+    trainer.dist.barrier()
+    return FinetuneResult(Path(cfg.project), summary, start or None, list(history))
+
+
+def is_eval_point(cfg: FinetuneConfig, step: int) -> bool:
+    return bool(cfg.eval_every) and step % cfg.eval_every == 0 and 0 < step < cfg.steps
+
+
+def open_logs(trainer: Trainer, start: int) -> dict[str, CsvLog]:
+    """A fresh run replaces DIR/finetune/; a resumed one keeps what its checkpoint saw."""
+    from nsn_cli.stages.evaluate import METRICS
+
+    folder = trainer.dir
+    # The logs of an earlier finetune are recorded in nsn.json; they change from here on.
+    mark_unfinished(Path(trainer.cfg.project), "finetune", replacing=f"{FINETUNE_DIR}/")
+    if start == 0:
+        ckpt.reset(folder / CHECKPOINTS)
+        shutil.rmtree(folder, ignore_errors=True)
+    else:
+        ckpt.clean_strays(folder / CHECKPOINTS)
+    folder.mkdir(parents=True, exist_ok=True)
+    logs = {"metrics": CsvLog(folder / METRICS_FILE, METRIC_COLUMNS),
+            "eval": CsvLog(folder / EVAL_FILE, ("step", "rank") + METRICS[trainer.inputs.task])}
+    # Metrics of step `start` are in the checkpoint; its eval (if any) is re-run.
+    logs["metrics"].start(None if start == 0 else start + 1)
+    logs["eval"].start(None if start == 0 else start)
+    return logs
+
+
+def log_eval(trainer: Trainer, logs: dict, callbacks: Callbacks, step: int,
+             results: dict[float, dict]) -> None:
+    logs["eval"].append(eval_rows(step, results))
+    callbacks.call("on_eval", step, results)
+
+
+def finalize(trainer: Trainer, logs: dict, callbacks: Callbacks, start: int,
+             seconds: float) -> dict:
+    """Final checkpoint, final eval at every ladder point, DIR/model/ and the record."""
+    from nsn_cli.project.loading import save_model
+
+    cfg, inputs = trainer.cfg, trainer.inputs
+    found = ckpt.find_latest(trainer.dir / CHECKPOINTS)
+    if found is None or found.step != cfg.steps:
+        trainer.save(cfg.steps)
+    final = trainer.evaluate(list(range(len(inputs.ladder))))
+    log_eval(trainer, logs, callbacks, cfg.steps, final)
+    apply_ranks(trainer.model, inputs.settings[-1])
+    project = Path(cfg.project)
+    refuse_nonfinite(trainer.model, f"the fine-tuned model over {project / MODEL_DIR}")
+    mark_unfinished(project, "finetune")  # until record_stage: explains a kill in between
+    with staging_dir(project / MODEL_DIR) as tmp:
+        save_model(trainer.model, inputs.tokenizer, tmp)
+    summary = build_summary(trainer, final, start, seconds)
+    outputs = folder_records(project / MODEL_DIR, project)
+    outputs += [file_record(log.path, project) for log in logs.values()]
+    record_stage(project, "finetune", inputs.resolved, outputs, summary)
+    return summary
+
+
+def build_summary(trainer: Trainer, final: dict[float, dict], start: int, seconds: float) -> dict:
+    inputs, cfg = trainer.inputs, trainer.cfg
+    weights = trainer.weights.weights() if cfg.objective == "uncertainty" else None
+    before = trainer.state.get("before", {})
+    ranks = [{"fraction": f, "weight": weights[i] if weights else None,
+              "before": before.get(str(f)), "after": final[f]}
+             for i, f in enumerate(inputs.ladder)]
+    return {"steps": cfg.steps, "resumed_from": start or None,
+            "train_tokens": int(trainer.state.get("tokens", 0)),
+            "seconds_this_run": round(seconds, 2), "objective": cfg.objective,
+            "distill": cfg.distill, "ladder": inputs.ladder, "head": inputs.head,
+            "labels": inputs.data.labels, "data": inputs.data.stats, "ranks": ranks}

@@ -1,0 +1,1 @@
+"""`nsn profile`: measure metric, FLOPs, parameters, latency and memory at each budget."""

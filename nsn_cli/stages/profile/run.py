@@ -1,0 +1,367 @@
+"""The profile stage: measure every point of the compute/quality curve.
+
+For each setting (a FLOPs budget or a rank fraction) on the held-out split: the task
+metric (evaluate.py), FLOPs per token (analytic, and counted by FlopCounterMode on one
+batch), active parameters, latency per batch, and memory. The dense original model
+(every nested layer merged back into one plain layer at full rank) is measured in the
+same run as the 1.0 reference; `--baseline` adds plain truncated SVD at the same
+settings (of the source model for causal LMs; of the project's own full-rank weights for
+classifiers, whose head convert created untrained: see profile_setup.resvd).
+
+The columns of profile.csv are documented in the README ("profile.csv columns").
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import statistics
+import tempfile
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch import nn
+
+from nsn_cli.nested.budget import apply_ranks, cost_table, set_budget, set_rank
+from nsn_cli.stages.config import ProfileConfig, to_dict
+from nsn_cli.project.data import load_task_data
+from nsn_cli.errors import BudgetError, ProjectError
+from nsn_cli.stages.evaluate import METRICS, EvalResult, batches, evaluate, label_mapping
+from nsn_cli.stages.export import merge_layers
+from nsn_cli.stages.profile.measure import (activation_peak_bytes, active_weights, counted_flops_per_token,
+                      round_robin_times)
+from nsn_cli.stages.profile.setup import (DTYPES, data_spec, reconvert, resolve_data, resvd, resolve_device,
+                            resolve_seq_len, timing_batch, validate)
+from nsn_cli.project.manifest import (mark_unfinished, read_manifest, record_stage)
+from nsn_cli.project.files import (atomic_write_json, atomic_write_text, folder_records)
+from nsn_cli.project.staging import staging_dir
+from nsn_cli.nested.surgery import nested_layers
+
+DEFAULT_BUDGETS = (0.05, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
+SETTING_COLUMNS = ["variant", "budget", "rank_fraction", "mean_rank_fraction", "min_rank",
+                   "max_rank", "flops_per_token", "flops_fraction", "flops_counted_per_token",
+                   "flops_counted_fraction", "params", "params_fraction"]
+COST_COLUMNS = ["latency_ms", "latency_ms_min", "latency_ms_max", "latency_ratio",
+                "weights_mb", "activations_mb", "peak_memory_mb"]
+MB = 1e6
+# Columns that are empty for some rows (the dense one has no budget and no ranks).
+COLUMN_TYPES = {"budget": float, "rank_fraction": float, "min_rank": "Int64", "max_rank": "Int64"}
+
+
+def columns_for(task: str) -> list[str]:
+    return SETTING_COLUMNS + list(METRICS[task]) + COST_COLUMNS
+
+
+# ---------------------------------------------------------------- settings to measure
+
+@dataclass
+class Point:
+    """One rank setting to measure, and the request(s) that led to it."""
+
+    variant: str
+    ranks: dict[str, int] | None  # None: the dense model
+    budget: float | None = None
+    rank_fraction: float | None = None
+    also: list[float] = field(default_factory=list)  # other requests with the same ranks
+
+
+def plan_points(model: nn.Module, variant: str, budgets: list[float] | None,
+                rank_fractions: list[float] | None, seq_len: int
+                ) -> tuple[list[Point], list[dict]]:
+    """Distinct settings in request order; requests below the model's floor are skipped."""
+    points: dict[tuple, Point] = {}
+    skipped = []
+    for value in (rank_fractions or budgets):
+        try:
+            if rank_fractions:
+                ranks = set_rank(model, fraction=value)
+            else:
+                ranks = set_budget(model, value, seq_len=seq_len).ranks
+        except BudgetError as exc:
+            skipped.append({"variant": variant, "budget": value, "floor": exc.floor,
+                            "reason": str(exc)})
+            continue
+        key = tuple(sorted(ranks.items()))
+        if key in points:
+            points[key].also.append(value)
+        elif rank_fractions:
+            points[key] = Point(variant, ranks, rank_fraction=value)
+        else:
+            points[key] = Point(variant, ranks, budget=value)
+    return list(points.values()), skipped
+
+
+# ---------------------------------------------------------------- measurements
+
+@dataclass
+class Bench:
+    """What every point is measured on: the held-out batches and one timing batch."""
+
+    task: str
+    seq_len: int
+    eval_batches: list[dict]
+    timing_batch: dict
+    label_map: torch.Tensor | None
+    warmup: int
+    repeats: int
+    dense_flops: float = 0.0  # analytic FLOPs/token of the dense original
+    dense_counted: float = 0.0
+    dense_params: int = 0
+    dense_latency: float = 0.0
+    eval_result: EvalResult | None = None
+
+
+def measure(model: nn.Module, point: Point, bench: Bench) -> dict:
+    """Metric, FLOPs, parameters and memory of `model` at `point` (ranks already applied).
+
+    Latency is timed afterwards for all points together (see `add_latency`).
+    """
+    result = evaluate(model, bench.eval_batches, bench.task, bench.label_map)
+    counted = counted_flops_per_token(model, bench.timing_batch, bench.task)
+    activations = activation_peak_bytes(model, bench.timing_batch, bench.task)
+    params, weight_bytes = active_weights(model)
+    layers = nested_layers(model)
+    ranks = [m.rank for m in layers.values()]
+    fractions = [m.rank / m.max_rank for m in layers.values()]
+    flops = cost_table(model).flops(seq_len=bench.seq_len) if layers else bench.dense_flops
+    bench.eval_result = result
+    return {"variant": point.variant, "budget": point.budget, "rank_fraction": point.rank_fraction,
+            "mean_rank_fraction": sum(fractions) / len(fractions) if fractions else None,
+            "min_rank": min(ranks, default=None), "max_rank": max(ranks, default=None),
+            "flops_per_token": flops, "flops_fraction": flops / bench.dense_flops,
+            "flops_counted_per_token": counted,
+            "flops_counted_fraction": counted / (bench.dense_counted or counted),
+            "params": params, "params_fraction": params / (bench.dense_params or params),
+            **result.metrics,
+            "weights_mb": weight_bytes / MB, "activations_mb": activations / MB,
+            "peak_memory_mb": (weight_bytes + activations) / MB}
+
+
+def add_latency(rows: list[dict], times: list[list[float]], dense_times: list[float]) -> None:
+    """Fill the latency columns of `rows` from their timings.
+
+    The ratio is the median over rounds of (this row's time / the dense model's time in
+    the same round), not a ratio of medians: drift in machine load between rounds then
+    lands on both sides of each ratio alike.
+    """
+    for row, ms in zip(rows, times):
+        row.update(latency_ms=statistics.median(ms), latency_ms_min=min(ms),
+                   latency_ms_max=max(ms),
+                   latency_ratio=statistics.median(t / d for t, d in zip(ms, dense_times)))
+
+
+# ---------------------------------------------------------------- ladder ranks
+
+def ladder_fractions(manifest: dict) -> list[float]:
+    """Rank fractions finetune trained on (its ladder), if the manifest records them."""
+    stage = manifest["stages"].get("finetune") or {}
+    for source in (stage.get("summary") or {}, stage.get("config") or {}):
+        values = source.get("ladder")
+        if isinstance(values, str):  # the flag's comma-separated form
+            values = values.split(",")
+        found = []
+        for value in values if isinstance(values, list) else []:
+            value = value.get("fraction") if isinstance(value, dict) else value
+            try:
+                value = float(value)
+            except (TypeError, ValueError):
+                continue
+            if 0 < value <= 1:
+                found.append(value)
+        if found:
+            return sorted(set(found))
+    return []
+
+
+def ladder_points(model: nn.Module, manifest: dict, seq_len: int) -> list[dict]:
+    """Where each trained ladder rank sits on the FLOPs axis (for the frontier plot)."""
+    from nsn_cli.nested.allocation import ranks_at
+
+    table = cost_table(model)
+    dense = table.dense_flops(seq_len)
+    return [{"rank_fraction": f, "flops_fraction": table.flops(ranks_at(model, f, seq_len),
+                                                               seq_len) / dense}
+            for f in ladder_fractions(manifest)]
+
+
+# ---------------------------------------------------------------- the stage
+
+@dataclass
+class ProfileResult:
+    frame: object  # pandas.DataFrame, one row per point, columns as in columns_for(task)
+    run: dict
+    skipped: list[dict]
+    out_dir: Path
+
+
+def make_bench(cfg: ProfileConfig, model: nn.Module, data, tokenizer, task: str, device) -> Bench:
+    pad_id = tokenizer.pad_token_id
+    if pad_id is None:
+        pad_id = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0
+    return Bench(task, cfg.seq_len, batches(data.eval, cfg.batch_size, pad_id, device),
+                 timing_batch(data.eval, cfg.batch_size, cfg.seq_len, pad_id, device),
+                 label_mapping(model, data.labels) if task == "seq-cls" else None,
+                 cfg.warmup, cfg.repeats)
+
+
+def measure_dense(model: nn.Module, bench: Bench) -> tuple[nn.Module, dict]:
+    """The dense original: every nested layer merged at full rank into its plain class."""
+    set_rank(model, fraction=1.0)
+    bench.dense_flops = cost_table(model).dense_flops(bench.seq_len)
+    dense = merge_layers(model)
+    row = measure(dense, Point("dense", None), bench)
+    bench.dense_counted, bench.dense_params = row["flops_counted_per_token"], row["params"]
+    return dense, row
+
+
+def measure_points(model: nn.Module, points: list[Point], bench: Bench,
+                   on_point: Callable[[str], None]) -> list[dict]:
+    rows = []
+    for point in points:
+        apply_ranks(model, point.ranks)
+        label = (f"budget {point.budget:g}" if point.budget is not None
+                 else f"rank fraction {point.rank_fraction:g}")
+        rows.append(measure(model, point, bench) | {"ranks": dict(point.ranks),
+                                                    "also": point.also})
+        on_point(f"{point.variant} {label}")
+    return rows
+
+
+def time_rows(dense: nn.Module, entries: list, rows: list[dict], bench: Bench, on_point
+              ) -> list[float]:
+    """Time the dense original and every entry in interleaved rounds, fill the rows'
+    latency columns, and return the dense model's own timings."""
+    times = round_robin_times([(dense, None)] + entries, bench.timing_batch, bench.task,
+                              bench.warmup, bench.repeats,
+                              lambda done: on_point(f"timing round {done}"))
+    add_latency(rows, times[1:], times[0])
+    return times[0]
+
+
+def profile(cfg: ProfileConfig, on_start: Callable[[int], None] = lambda total: None,
+            on_point: Callable[[str], None] = lambda label: None) -> ProfileResult:
+    """Run the stage: measure every point, write DIR/profile/, record the run in nsn.json.
+
+    The project's writer lock is held throughout, so the weights cannot change (a
+    finetune finishing) between the points of one profile.
+    """
+    from nsn_cli.project.lock import project_lock
+
+    validate(cfg)
+    project = Path(cfg.project)
+    manifest = read_manifest(project)
+    cfg, seed = resolve_data(cfg, manifest)
+    with project_lock(project, "nsn profile"), \
+            tempfile.TemporaryDirectory(prefix="nsn-profile-") as scratch:
+        baseline = None
+        if cfg.baseline:  # classifiers: re-SVD of the project itself (see profile_setup.resvd)
+            baseline = project if manifest["task"] == "seq-cls" else \
+                reconvert(manifest, Path(scratch))
+        with cpu_threads(cfg.threads):
+            return profile_locked(cfg, seed, project, manifest, baseline, on_start, on_point)
+
+
+@contextlib.contextmanager
+def cpu_threads(count: int | None):
+    """torch's CPU thread count set to `count` (if given) for the block, then restored."""
+    previous = torch.get_num_threads()
+    if count is not None:
+        torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
+def profile_locked(cfg: ProfileConfig, seed: int, project: Path, manifest: dict,
+                   baseline: Path | None, on_start, on_point) -> ProfileResult:
+    import pandas as pd
+
+    from nsn_cli.project.loading import load
+
+    device, dtype = resolve_device(cfg.device), DTYPES[cfg.dtype]
+    model, tokenizer = load(project, device=device, dtype=dtype)
+    if tokenizer is None:
+        raise ProjectError(f"{project}/model has no tokenizer files: cannot read the data")
+    budgets = None if cfg.rank_fractions else list(cfg.budgets or DEFAULT_BUDGETS)
+    cfg = replace(cfg, seq_len=resolve_seq_len(cfg, model), budgets=budgets)
+    task = manifest["task"]
+    data = load_task_data(data_spec(cfg, seed), tokenizer, task, cfg.seq_len,
+                          vocab_size=model.get_input_embeddings().num_embeddings)
+    bench = make_bench(cfg, model, data, tokenizer, task, device)
+    points, skipped = plan_points(model, "nsn", budgets, cfg.rank_fractions, cfg.seq_len)
+    if not points:
+        raise BudgetError(f"no requested setting is measurable: {skipped[0]['reason']}")
+    on_start((1 + len(points) + cfg.repeats) * (2 if baseline else 1))
+    dense, dense_row = measure_dense(model, bench)
+    on_point("dense original")
+    rows = measure_points(model, points, bench, on_point)
+    dense_times = time_rows(dense, [(model, p.ranks) for p in points], rows, bench, on_point)
+    add_latency([dense_row], [dense_times], dense_times)
+    bench.dense_latency = dense_row["latency_ms"]
+    rows = [dense_row] + rows
+    ladder = ladder_points(model, manifest, cfg.seq_len)
+    del model  # the dense original stays: the baseline is timed against it too
+    if baseline:
+        base_model = load(baseline, device=device, dtype=dtype)[0]
+        if baseline == project:
+            resvd(base_model)
+        rows += measure_baseline(base_model, dense, cfg, bench, skipped, on_point)
+    frame = pd.DataFrame([{k: r.get(k) for k in columns_for(task)} for r in rows],
+                         columns=columns_for(task)).astype(COLUMN_TYPES)
+    run = run_record(cfg, device, bench, len(frame), skipped)
+    run["baseline"] = None if not baseline else (
+        "plain truncated SVD of the project's full-rank weights" if baseline == project
+        else "untrained truncated SVD of the source model")
+    out = write_outputs(project, cfg, frame, rows, run, skipped, ladder)
+    return ProfileResult(frame, run, skipped, out)
+
+
+def measure_baseline(baseline: nn.Module, dense: nn.Module, cfg: ProfileConfig, bench: Bench,
+                     skipped: list[dict], on_point) -> list[dict]:
+    points, more_skipped = plan_points(baseline, "baseline", cfg.budgets, cfg.rank_fractions,
+                                       cfg.seq_len)
+    skipped += more_skipped
+    on_point("baseline loaded")
+    rows = measure_points(baseline, points, bench, on_point)
+    time_rows(dense, [(baseline, p.ranks) for p in points], rows, bench, on_point)
+    return rows
+
+
+def run_record(cfg: ProfileConfig, device, bench: Bench, points: int,
+               skipped: list[dict]) -> dict:
+    """What the numbers were measured on (recorded in nsn.json and profile.json)."""
+    return {"device": str(device), "dtype": cfg.dtype, "batch_size": cfg.batch_size,
+            "seq_len": cfg.seq_len, "samples": bench.eval_result.samples,
+            "tokens": bench.eval_result.tokens, "data": cfg.data, "task": bench.task,
+            "timing_batch_tokens": int(bench.timing_batch["input_ids"].numel()),
+            "repeats": cfg.repeats, "warmup": cfg.warmup, "threads": torch.get_num_threads(),
+            "torch": torch.__version__, "points": points, "skipped": len(skipped),
+            "dense_flops_per_token": bench.dense_flops, "dense_latency_ms": bench.dense_latency}
+
+
+def json_safe(value):
+    """NaN and ±inf are not JSON: write them as null."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [json_safe(v) for v in value]
+    return value
+
+
+def write_outputs(project: Path, cfg: ProfileConfig, frame, rows: list[dict], run: dict,
+                  skipped: list[dict], ladder: list[dict]) -> Path:
+    """profile.csv and profile.json, written together; then the run goes into nsn.json."""
+    out = project / "profile"
+    doc = {"run": run, "columns": list(frame.columns), "skipped": skipped, "ladder": ladder,
+           "points": rows}
+    mark_unfinished(project, "profile")  # a kill before record_stage explains itself
+    with staging_dir(out) as tmp:
+        atomic_write_text(tmp / "profile.csv", frame.to_csv(index=False))
+        atomic_write_json(tmp / "profile.json", json_safe(doc))
+    record_stage(project, "profile", to_dict(cfg), folder_records(out, project), run)
+    return out

@@ -1,0 +1,156 @@
+"""Everything `nsn profile` settles before measuring: flags, device, data, the baseline.
+
+Bad input fails here, before any model is loaded where possible, with one clear line.
+"""
+
+from __future__ import annotations
+
+from dataclasses import fields, replace
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from nsn_cli.stages.config import ConvertConfig, ProfileConfig
+from nsn_cli.project.data import DataSpec, pad_batch
+from nsn_cli.errors import ModelError, ProjectError, UsageError
+
+DEFAULT_SEQ_LEN = 128
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DATA_FIELDS = ("data", "text_column", "label_column", "split", "eval_split", "eval_fraction",
+               "max_samples", "seq_len")
+
+
+# ---------------------------------------------------------------- resolving the run
+
+def validate(cfg: ProfileConfig) -> None:
+    """Flag checks that need no model, so bad input fails in milliseconds."""
+    if cfg.budgets and cfg.rank_fractions:
+        raise UsageError("give --budgets or --rank-fractions, not both")
+    for flag, values in (("--budgets", cfg.budgets), ("--rank-fractions", cfg.rank_fractions)):
+        for value in values or []:
+            if not 0 < value <= 1:
+                raise UsageError(f"{flag} values must be in (0, 1], got {value}")
+    for flag, value, low in (("--batch-size", cfg.batch_size, 1), ("--repeats", cfg.repeats, 1),
+                             ("--warmup", cfg.warmup, 0), ("--seq-len", cfg.seq_len, 2),
+                             ("--max-samples", cfg.max_samples, 1), ("--threads", cfg.threads, 1)):
+        if value is not None and value < low:
+            raise UsageError(f"{flag} must be at least {low}, got {value}")
+    if cfg.dtype not in DTYPES:
+        raise UsageError(f"--dtype must be one of {', '.join(DTYPES)}, got {cfg.dtype!r}")
+    resolve_device(cfg.device)
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise UsageError(f"--device {name!r} is not a device (cpu, cuda, cuda:N, auto)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--device cuda was asked for but no CUDA device is available")
+    return device
+
+
+def resolve_data(cfg: ProfileConfig, manifest: dict) -> tuple[ProfileConfig, int]:
+    """Fill unset data flags from the finetune stage (same data, same held-out carve).
+
+    Returns the resolved config and the seed of the held-out carve. Finetune's
+    settings are inherited only when --data is unset or names the same data.
+    """
+    finetune = (manifest["stages"].get("finetune") or {}).get("config") or {}
+    inherit = cfg.data is None or cfg.data == finetune.get("data")
+    values = {name: getattr(cfg, name) for name in DATA_FIELDS}
+    if inherit:
+        values = {k: v if v is not None else finetune.get(k) for k, v in values.items()}
+    if not values["data"]:
+        raise UsageError("no evaluation data: pass --data (the project has no finetune stage "
+                         "to take it from)")
+    seed = finetune.get("seed", 0) if inherit else 0
+    return replace(cfg, **values), seed if isinstance(seed, int) else 0
+
+
+def context_length(config) -> int | None:
+    for key in ("max_position_embeddings", "n_positions", "max_seq_len"):
+        value = getattr(config, key, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+def resolve_seq_len(cfg: ProfileConfig, model: nn.Module) -> int:
+    limit = context_length(model.config)
+    if cfg.seq_len is None:
+        return min(DEFAULT_SEQ_LEN, limit or DEFAULT_SEQ_LEN)
+    if limit is not None and cfg.seq_len > limit:
+        raise UsageError(f"--seq-len {cfg.seq_len} exceeds the model's context of {limit} tokens")
+    return cfg.seq_len
+
+
+def data_spec(cfg: ProfileConfig, seed: int) -> DataSpec:
+    defaults = {f.name: f.default for f in fields(DataSpec)}
+    chosen = {name: getattr(cfg, name) for name in DATA_FIELDS if name != "seq_len"}
+    return DataSpec(**{k: v if v is not None else defaults[k] for k, v in chosen.items()},
+                    seed=seed)
+
+
+def timing_batch(dataset, batch_size: int, seq_len: int, pad_id: int, device) -> dict:
+    """batch_size rows (cycled if the split is smaller), padded to exactly seq_len tokens,
+    so the counted FLOPs and the latency are per batch of batch_size × seq_len tokens."""
+    rows = [dataset[i % len(dataset)] for i in range(batch_size)]
+    batch = pad_batch(rows, pad_id)
+    batch.pop("labels", None)
+    width = batch["input_ids"].shape[1]
+    if width < seq_len:
+        pad = seq_len - width
+        batch["input_ids"] = torch.nn.functional.pad(batch["input_ids"], (0, pad), value=pad_id)
+        batch["attention_mask"] = torch.nn.functional.pad(batch["attention_mask"], (0, pad))
+    return {k: v.to(device) for k, v in batch.items()}
+
+
+# ---------------------------------------------------------------- the baseline
+
+def resvd(model):
+    """Plain truncated SVD of the project's own full-rank weights, in place.
+
+    The baseline for classifiers: convert gave them a fresh, untrained head, so the
+    source model's SVD would sit at chance. What a user would try first is to
+    finetune dense and truncate the SVD afterwards; at full rank the project *is* a
+    finetuned dense model, so re-decomposing it measures exactly that, and the gap to
+    the nsn rows is what multi-rank training bought.
+    """
+    import torch
+
+    from nsn_cli.nested.decompose import svd_factors
+    from nsn_cli.nested.surgery import nested_layers
+
+    for layer in nested_layers(model).values():
+        A, B = svd_factors(layer.dense_weight(layer.max_rank), layer.max_rank, "exact")
+        with torch.no_grad():
+            layer.A.copy_(A.to(layer.A.dtype))
+            layer.B.copy_(B.to(layer.B.dtype))
+    return model
+
+
+def reconvert(manifest: dict, scratch: Path) -> Path:
+    """Re-run `nsn convert` with the project's recorded settings into `scratch`.
+
+    That is the untrained truncated SVD the project started from; done before any
+    measurement, so an unreachable source model fails the run at once.
+    """
+    from nsn_cli.stages.convert import convert
+
+    saved = (manifest["stages"].get("convert") or {}).get("config") or {}
+    known = {f.name for f in fields(ConvertConfig)}
+    kwargs = {k: v for k, v in saved.items() if k in known}
+    if not kwargs.get("model"):
+        raise ProjectError("--baseline: nsn.json records no source model to re-convert")
+    out = Path(scratch) / "baseline"
+    kwargs.update(out_dir=str(out), force=True, dry_run=False)
+    try:
+        convert(ConvertConfig(**kwargs))
+    except ModelError as exc:
+        raise ModelError(f"--baseline re-converts the source model {kwargs['model']!r}, "
+                         f"which is not reachable here ({exc})") from None
+    return out

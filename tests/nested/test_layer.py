@@ -1,0 +1,105 @@
+"""The nested layer: exact at full rank, nested prefixes, dense path above break-even."""
+
+import pytest
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from nsn_cli.nested.decompose import svd_factors
+from nsn_cli.nested.layer import NestedLinear
+
+
+def layer(d_in=24, d_out=16, seed=0):
+    torch.manual_seed(seed)
+    dense = torch.nn.Linear(d_in, d_out)
+    A, B = svd_factors(dense.weight, min(d_in, d_out))
+    return dense, NestedLinear.from_factors(A, B, dense.bias)
+
+
+def counted_flops(module, x):
+    with FlopCounterMode(display=False) as counter:
+        module(x)
+    return counter.get_total_flops()
+
+
+def test_full_rank_reproduces_dense():
+    dense, nested = layer()
+    x = torch.randn(5, 24)
+    torch.testing.assert_close(nested(x), dense(x), atol=1e-5, rtol=1e-5)
+
+
+def test_reconstruction_error_falls_with_rank():
+    dense, nested = layer()
+    errors = [(nested.dense_weight(r) - dense.weight).norm().item() for r in range(1, 17)]
+    assert all(a >= b - 1e-6 for a, b in zip(errors, errors[1:]))
+    assert errors[-1] < 1e-4 < errors[0]
+
+
+def test_rank_is_a_prefix_of_the_same_tensors():
+    _, nested = layer()
+    nested.set_rank(3)
+    x = torch.randn(4, 24)
+    expected = x @ nested.A[:3].T @ nested.B[:, :3].T + nested.bias
+    torch.testing.assert_close(nested(x), expected)
+
+
+@pytest.mark.parametrize("rank", [1, 5, 9, 10, 16])
+def test_path_and_counted_flops_follow_break_even(rank):
+    _, nested = layer(d_in=24, d_out=16)  # r* = 24*16/40 = 9.6
+    nested.set_rank(rank)
+    x = torch.randn(7, 24)
+    with torch.no_grad():
+        nested(x)  # the one-off merge above break-even is not part of a forward's cost
+        flops = counted_flops(nested, x)
+    assert nested.uses_dense() == (rank > 9.6)
+    assert flops == 7 * nested.flops_per_token()
+    assert flops <= 7 * 2 * 24 * 16  # never more than the dense layer
+
+
+def test_merged_weight_cached_and_invalidated_on_update():
+    _, nested = layer()
+    nested.set_rank(16)
+    x = torch.randn(3, 24)
+    with torch.no_grad():
+        first = nested(x)
+        cached = nested._merged
+        nested(x)
+        assert nested._merged is cached  # not rebuilt for the same rank
+        nested.A.mul_(2.0)  # an in-place update, like an optimizer step
+        second = nested(x)
+    assert nested._merged is not cached
+    assert not torch.allclose(first, second)
+    torch.testing.assert_close(second - nested.bias, 2 * (first - nested.bias))
+
+
+def test_gradients_reach_factors_on_both_paths():
+    _, nested = layer()
+    for rank in (4, 16):
+        nested.zero_grad()
+        nested.set_rank(rank)
+        nested(torch.randn(3, 24)).sum().backward()
+        assert nested.A.grad[:rank].abs().sum() > 0
+        assert nested.B.grad[:, :rank].abs().sum() > 0
+        assert nested.A.grad[rank:].abs().sum() == 0  # components above r do not move
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_low_precision_close_to_fp32(dtype):
+    _, nested = layer()
+    x = torch.randn(4, 24)
+    ref = nested(x).detach()
+    low = NestedLinear.from_factors(nested.A, nested.B, nested.bias, dtype=dtype)
+    for rank in (4, 16):
+        low.set_rank(rank)
+        nested.set_rank(rank)
+        out = low(x.to(dtype))
+        assert out.dtype == dtype
+        torch.testing.assert_close(out.float(), nested(x).detach(), atol=0.05, rtol=0.05)
+    assert ref.shape == (4, 16)
+
+
+def test_rank_out_of_range_refused():
+    _, nested = layer()
+    with pytest.raises(ValueError):
+        nested.set_rank(0)
+    with pytest.raises(ValueError):
+        nested.set_rank(17)

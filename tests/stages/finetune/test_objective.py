@@ -1,0 +1,118 @@
+"""The rank ladder, the rank sampler and the uncertainty-aware loss."""
+
+import collections
+
+import pytest
+import torch
+
+from tests.helpers import build_tiny, sample_ids
+from nsn_cli.nested.budget import ranks_for_fraction
+from nsn_cli.stages.convert import convert_model
+from nsn_cli.errors import UsageError
+from nsn_cli.stages.finetune.objective import (DEFAULT_LADDER, RankWeights, distill_loss, ladder_settings,
+                               parse_ladder, ranks_for_step, task_loss, teacher_from)
+from nsn_cli.nested.surgery import nested_layers
+
+
+def test_parse_ladder_accepts_strings_and_lists():
+    assert parse_ladder("1, 0.25,0.5") == [0.25, 0.5, 1.0]
+    assert parse_ladder([0.5, 1]) == [0.5, 1.0]
+    assert parse_ladder(list(DEFAULT_LADDER)) == [1 / 16, 1 / 8, 1 / 4, 1 / 2, 1]
+
+
+@pytest.mark.parametrize("spec,needle", [("", "empty"), ("0.5,abc", "numbers"),
+                                         ("0,1", r"\(0, 1\]"), ("1.5", r"\(0, 1\]"),
+                                         ("0.5,0.5,1", "repeats"), (3, "list")])
+def test_parse_ladder_refuses_bad_specs(spec, needle):
+    with pytest.raises(UsageError, match=needle):
+        parse_ladder(spec)
+
+
+def test_rank_draws_are_deterministic_distinct_and_keep_the_top():
+    draws = [ranks_for_step(5, 3, seed=7, step=s) for s in range(400)]
+    assert draws == [ranks_for_step(5, 3, seed=7, step=s) for s in range(400)]
+    assert draws != [ranks_for_step(5, 3, seed=8, step=s) for s in range(400)]
+    for draw in draws:
+        assert draw[0] == 4 and len(set(draw)) == 3 and draw[1] > draw[2]
+    counts = collections.Counter(i for d in draws for i in d[1:])
+    assert set(counts) == {0, 1, 2, 3}
+    assert min(counts.values()) > 150  # 800 draws over 4 ranks: roughly uniform
+
+
+def test_rank_draws_clip_to_the_ladder():
+    assert ranks_for_step(3, 10, 0, 0) == [2, 1, 0]
+    assert ranks_for_step(3, 1, 0, 0) == [2]
+    assert ranks_for_step(1, 2, 0, 0) == [0]
+
+
+def test_uncertainty_weights_settle_at_inverse_losses():
+    """With fixed losses L_k, minimising Σ exp(−s_k)·L_k + s_k gives exp(−s_k) = 1/L_k."""
+    losses = torch.tensor([4.0, 2.0, 0.5])
+    weights = RankWeights(3)
+    optimizer = torch.optim.Adam(weights.parameters(), lr=0.05)
+    for _ in range(600):
+        optimizer.zero_grad()
+        sum(weights.term(k, losses[k], 3) for k in range(3)).backward()
+        optimizer.step()
+    torch.testing.assert_close(torch.tensor(weights.weights()), 1 / losses, rtol=1e-2, atol=0)
+    assert weights.weight(0, 3) < weights.weight(1, 3) < weights.weight(2, 3)
+
+
+def test_uniform_objective_is_the_plain_mean():
+    weights = RankWeights(4, "uniform")
+    assert not weights.log_vars.requires_grad
+    total = sum(weights.term(k, torch.tensor(float(k + 1)), 4) for k in range(4))
+    assert float(total) == pytest.approx(2.5)
+    assert weights.weight(0, 4) == 0.25
+    with pytest.raises(UsageError, match="--objective"):
+        RankWeights(4, "mean")
+
+
+def test_lm_loss_matches_transformers_and_ignores_padding():
+    model = build_tiny("gpt2")
+    ids = sample_ids(2, 12)
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    with torch.no_grad():
+        out = model(input_ids=ids, labels=ids)
+    torch.testing.assert_close(task_loss("causal-lm", out.logits, batch), out.loss)
+    padded = {"input_ids": torch.cat([ids, torch.zeros(2, 4, dtype=torch.long)], 1),
+              "attention_mask": torch.cat([torch.ones_like(ids), torch.zeros(2, 4, dtype=torch.long)], 1)}
+    with torch.no_grad():
+        logits = model(input_ids=padded["input_ids"]).logits
+    torch.testing.assert_close(task_loss("causal-lm", logits, padded), out.loss)
+
+
+def test_distill_is_zero_for_the_teacher_and_positive_below_it():
+    model = build_tiny("gpt2")
+    convert_model(model)
+    ids = sample_ids(2, 12)
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    with torch.no_grad():
+        top = model(input_ids=ids).logits
+        for layer in nested_layers(model).values():
+            layer.set_rank(2)
+        low = model(input_ids=ids).logits
+    teacher = teacher_from("causal-lm", top)
+    assert float(distill_loss("causal-lm", top, teacher, batch)) == pytest.approx(0, abs=1e-6)
+    p, log_p, log_q = top.softmax(-1), top.log_softmax(-1), low.log_softmax(-1)
+    expected = (p * (log_p - log_q)).sum(-1)[:, :-1].mean()  # the last position predicts nothing
+    assert float(expected) > 0
+    torch.testing.assert_close(distill_loss("causal-lm", low, teacher, batch), expected)
+    rows = torch.randn(3, 2)
+    assert float(distill_loss("seq-cls", rows + 1.0, teacher_from("seq-cls", rows), {})) \
+        == pytest.approx(0, abs=1e-6)
+
+
+def test_ladder_points_use_the_projects_rank_family():
+    model = build_tiny("llama")
+    convert_model(model)
+    layers = nested_layers(model)
+    settings = ladder_settings(model, [0.25, 1.0])
+    assert settings == [ranks_for_fraction(layers, 0.25), ranks_for_fraction(layers, 1.0)]
+
+    from nsn_cli.nested.allocation import attach_global, global_order
+
+    attach_global(model, *global_order(model))
+    low, top = ladder_settings(model, [0.25, 1.0])
+    assert top == {n: m.max_rank for n, m in layers.items()}
+    assert low != settings[0] and all(low[n] <= top[n] for n in low)
