@@ -50,7 +50,7 @@ def run_objective(work: Path, source: Path, task: str, train: Path, name: str, s
                   steps: int, batches, labels, seq_len: int) -> dict[float, float]:
     from nsn_cli.stages.config import ConvertConfig, FinetuneConfig
     from nsn_cli.stages.convert import convert
-    from nsn_cli.stages.finetune.trainer import finetune
+    from nsn_cli.stages.finetune.stage import finetune
 
     objective, distill = OBJECTIVES[name]
     project = work / f"{task}-{objective}-{int(distill)}-{seed}"

@@ -211,7 +211,7 @@ def run_method(work: Path, source: Path, task: str, train: Path, method: str, ft
                test_batches, labels, seq_len: int, calib_samples: int) -> dict:
     from nsn_cli.stages.config import ConvertConfig, FinetuneConfig
     from nsn_cli.stages.convert import convert
-    from nsn_cli.stages.finetune.trainer import finetune
+    from nsn_cli.stages.finetune.stage import finetune
 
     calibrate, allocation = METHODS[method]
     project = work / f"{task}-{method.split()[0].replace('+', '-')}"

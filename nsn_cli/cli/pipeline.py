@@ -26,7 +26,7 @@ def convert(cfg):
 
 def finetune(cfg):
     from nsn_cli.cli.render import finetune as show
-    from nsn_cli.stages.finetune.trainer import finetune as run_stage
+    from nsn_cli.stages.finetune.stage import finetune as run_stage
 
     with show.progress(err()) as callbacks:
         result = run_stage(cfg, *callbacks)

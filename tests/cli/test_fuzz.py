@@ -16,7 +16,6 @@ import textwrap
 import pytest
 from hypothesis import HealthCheck, assume, event, given, settings
 from hypothesis import strategies as st
-from typer.testing import CliRunner
 
 from nsn_cli import load
 from nsn_cli.cli.app import app

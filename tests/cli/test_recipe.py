@@ -1,6 +1,5 @@
 """Recipes: validated against the stage configs before any work; errors name file, line, key."""
 
-from pathlib import Path
 
 import pytest
 

@@ -275,7 +275,6 @@ def test_nesting_the_head_lowers_the_floor_as_the_message_says(family, how):
 
 def test_benchmark_rounds_interleave_and_ratios_pair_within_a_round():
     import sys
-    from pathlib import Path
 
     sys.path.insert(0, str(REPO / "benchmarks"))
     from common import Spread, interleaved, paired_ratios
@@ -308,7 +307,6 @@ def test_fusion_benchmark_times_the_same_outputs_as_separate_layers(family, frac
     """benchmarks/fusion.py compares like with like: its fused q/k/v product returns
     what the three nested layers return, on the dense and on the factored path."""
     import sys
-    from pathlib import Path
 
     sys.path.insert(0, str(REPO / "benchmarks"))
     from fusion import fused, qkv_layers, separate

@@ -390,7 +390,8 @@ def test_convert_force_never_replaces_a_project_in_use(project, tiny_models):
 def test_a_stopped_second_finetune_explains_its_changed_logs(project, monkeypatch):
     """Rewriting finetune/ logs that an earlier finetune recorded is announced first."""
     from tests.helpers import TINY_TEXT
-    from nsn_cli.stages.finetune import trainer as ft
+    from nsn_cli.stages.finetune import stage as ft
+    from nsn_cli.stages.finetune import trainer
     from nsn_cli.stages.config import FinetuneConfig
     from nsn_cli.errors import TrainingError
     from nsn_cli.project.manifest import mark_unfinished
@@ -402,7 +403,7 @@ def test_a_stopped_second_finetune_explains_its_changed_logs(project, monkeypatc
                eval_every=0, eval_samples=4, save_every=0)
     ft.finetune(FinetuneConfig(**cfg))
     assert runner.invoke(app, ["verify", str(project)]).exit_code == 0
-    monkeypatch.setattr(ft, "task_loss", lambda *a: torch.tensor(float("nan"),
+    monkeypatch.setattr(trainer, "task_loss", lambda *a: torch.tensor(float("nan"),
                                                                   requires_grad=True))
     with pytest.raises(TrainingError):
         ft.finetune(FinetuneConfig(**{**cfg, "seed": 1}))

@@ -234,7 +234,7 @@ def test_finetune_never_saves_non_finite_weights(project, monkeypatch):
     from tests.helpers import TINY_TEXT
     from nsn_cli.project import checkpoint as ckpt
     from nsn_cli.stages.config import FinetuneConfig
-    from nsn_cli.stages.finetune.trainer import finetune
+    from nsn_cli.stages.finetune.stage import finetune
 
     model_before = {p.name: p.read_bytes() for p in (project / "model").iterdir()}
     manifest_before = (project / "nsn.json").read_bytes()

@@ -1,27 +1,22 @@
-"""The finetune stage: joint multi-rank training that makes every rank of a project good.
+"""The training loop's parts: one optimizer step of joint multi-rank training.
 
-Reads `DIR/nsn.json` and `DIR/model/`, trains with the objective of `objective.py` in
-an explicit loop (AdamW, warmup + cosine, clipping, accumulation, fp32 or bf16 autocast),
-and writes `DIR/finetune/` (metrics.csv, eval.csv, checkpoints/) and, at the end, the
-trained model over `DIR/model/` (atomically) and the stage record in `nsn.json`.
+`Trainer.train_step` trains the top ladder point plus sampled lower ones on one global
+batch, with the objective of `objective.py` (AdamW, warmup + cosine, clipping,
+accumulation, fp32 or bf16 autocast). The stage around it (logs, checkpoints, the
+final model) is `stage.py`.
 
 Everything a step does is a function of (seed, step): the rows it reads, the ladder
 ranks it trains, the dropout masks. With the weights, optimizer state and log-variances
 restored from a checkpoint, a resumed run therefore repeats the uninterrupted run.
-Every input is checked before anything is written, so a bad flag, file or project
-leaves the directory untouched.
 """
 
 from __future__ import annotations
 
-import collections
 import contextlib
 import math
-import shutil
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import torch
 
@@ -29,20 +24,13 @@ from nsn_cli.project import checkpoint as ckpt
 from nsn_cli.nested.budget import apply_ranks
 from nsn_cli.stages.config import FinetuneConfig
 from nsn_cli.project.data import pad_batch
-from nsn_cli.stages.finetune.distributed import Dist, setup, sync_context, wrap
+from nsn_cli.stages.finetune.distributed import Dist, sync_context, wrap
 from nsn_cli.errors import TrainingError
-from nsn_cli.stages.finetune.logs import (EVAL_FILE, METRIC_COLUMNS, METRICS_FILE, CsvLog, eval_rows,
-                            metric_rows)
-from nsn_cli.stages.finetune.setup import CHECKPOINTS, FINETUNE_DIR, Inputs, load_inputs, validate
-from nsn_cli.project.lock import project_lock
+from nsn_cli.stages.finetune.setup import CHECKPOINTS, FINETUNE_DIR, Inputs
 from nsn_cli.stages.finetune.objective import RankWeights, distill_loss, ranks_for_step, task_loss, teacher_from
-from nsn_cli.project.manifest import MODEL_DIR, mark_unfinished, record_stage
-from nsn_cli.project.files import file_record, folder_records
 from nsn_cli.project.safety import refuse_nonfinite
-from nsn_cli.project.staging import staging_dir
 
 MIN_LR_RATIO = 0.1  # cosine decays to a tenth of the peak
-HISTORY = 1000  # step reports a result keeps (metrics.csv has them all)
 
 
 @dataclass
@@ -54,14 +42,6 @@ class StepReport:
     lr: float
     tokens: int  # data tokens in the step, over all processes
     tokens_per_s: float
-
-
-@dataclass
-class FinetuneResult:
-    project: Path
-    summary: dict | None  # None on processes other than 0
-    resumed_from: int | None = None
-    history: list[StepReport] = field(default_factory=list)  # this run's last HISTORY steps
 
 
 # ---------------------------------------------------------------- schedule and data order
@@ -255,133 +235,3 @@ def build_optimizer(model, weights: RankWeights, cfg: FinetuneConfig) -> torch.o
         groups.append({"params": [weights.log_vars], "lr": cfg.scale_lr, "weight_decay": 0.0,
                        "name": "log_vars"})
     return torch.optim.AdamW(groups, lr=cfg.lr)
-
-
-# ---------------------------------------------------------------- the stage
-
-@dataclass
-class Callbacks:
-    on_start: Callable[[int, int], None] | None = None  # (total steps, first step)
-    on_step: Callable[[StepReport], None] | None = None
-    on_eval: Callable[[int, dict], None] | None = None  # (step, {fraction: metrics})
-
-    def call(self, name: str, *args) -> None:
-        fn = getattr(self, name)
-        if fn is not None:
-            fn(*args)
-
-
-def finetune(cfg: FinetuneConfig, on_start=None, on_step=None, on_eval=None) -> FinetuneResult:
-    """Run the stage (all processes under torchrun; only process 0 writes or reports)."""
-    ladder = validate(cfg)
-    dist = setup(cfg.device)
-    try:
-        lock = project_lock(Path(cfg.project), "nsn finetune") if dist.is_main \
-            else contextlib.nullcontext()
-        with lock:
-            trainer = Trainer(cfg, load_inputs(cfg, ladder, dist), dist)
-            callbacks = Callbacks(on_start, on_step, on_eval) if dist.is_main else Callbacks()
-            return run(trainer, callbacks)
-    finally:
-        dist.close()
-
-
-def run(trainer: Trainer, callbacks: Callbacks) -> FinetuneResult:
-    cfg, inputs, main = trainer.cfg, trainer.inputs, trainer.dist.is_main
-    everything = list(range(len(inputs.ladder)))
-    start = trainer.restore(inputs.checkpoint) if inputs.checkpoint else 0
-    logs = open_logs(trainer, start) if main else None
-    if main and start == 0:
-        trainer.state["before"] = {str(k): v for k, v in trainer.evaluate(everything).items()}
-        log_eval(trainer, logs, callbacks, 0, trainer.evaluate(everything))
-    elif main and is_eval_point(cfg, start):  # its rows were dropped with the later ones
-        log_eval(trainer, logs, callbacks, start, trainer.evaluate(trainer.periodic_eval_indices()))
-    callbacks.call("on_start", cfg.steps, start)
-    began, history = time.perf_counter(), collections.deque(maxlen=HISTORY)
-    for step in range(start, cfg.steps):
-        report = trainer.train_step(step)
-        trainer.state["tokens"] = trainer.state.get("tokens", 0) + report.tokens
-        history.append(report)
-        if main:
-            logs["metrics"].append(metric_rows(report))
-            callbacks.call("on_step", report)
-            if is_eval_point(cfg, report.step):
-                log_eval(trainer, logs, callbacks, report.step,
-                         trainer.evaluate(trainer.periodic_eval_indices()))
-            if cfg.save_every and report.step % cfg.save_every == 0 and report.step < cfg.steps:
-                trainer.save(report.step)
-    if not main:
-        trainer.dist.barrier()
-        return FinetuneResult(Path(cfg.project), None, start or None, list(history))
-    summary = finalize(trainer, logs, callbacks, start, time.perf_counter() - began)
-    trainer.dist.barrier()
-    return FinetuneResult(Path(cfg.project), summary, start or None, list(history))
-
-
-def is_eval_point(cfg: FinetuneConfig, step: int) -> bool:
-    return bool(cfg.eval_every) and step % cfg.eval_every == 0 and 0 < step < cfg.steps
-
-
-def open_logs(trainer: Trainer, start: int) -> dict[str, CsvLog]:
-    """A fresh run replaces DIR/finetune/; a resumed one keeps what its checkpoint saw."""
-    from nsn_cli.stages.evaluate import METRICS
-
-    folder = trainer.dir
-    # The logs of an earlier finetune are recorded in nsn.json; they change from here on.
-    mark_unfinished(Path(trainer.cfg.project), "finetune", replacing=f"{FINETUNE_DIR}/")
-    if start == 0:
-        ckpt.reset(folder / CHECKPOINTS)
-        shutil.rmtree(folder, ignore_errors=True)
-    else:
-        ckpt.clean_strays(folder / CHECKPOINTS)
-    folder.mkdir(parents=True, exist_ok=True)
-    logs = {"metrics": CsvLog(folder / METRICS_FILE, METRIC_COLUMNS),
-            "eval": CsvLog(folder / EVAL_FILE, ("step", "rank") + METRICS[trainer.inputs.task])}
-    # Metrics of step `start` are in the checkpoint; its eval (if any) is re-run.
-    logs["metrics"].start(None if start == 0 else start + 1)
-    logs["eval"].start(None if start == 0 else start)
-    return logs
-
-
-def log_eval(trainer: Trainer, logs: dict, callbacks: Callbacks, step: int,
-             results: dict[float, dict]) -> None:
-    logs["eval"].append(eval_rows(step, results))
-    callbacks.call("on_eval", step, results)
-
-
-def finalize(trainer: Trainer, logs: dict, callbacks: Callbacks, start: int,
-             seconds: float) -> dict:
-    """Final checkpoint, final eval at every ladder point, DIR/model/ and the record."""
-    from nsn_cli.project.loading import save_model
-
-    cfg, inputs = trainer.cfg, trainer.inputs
-    found = ckpt.find_latest(trainer.dir / CHECKPOINTS)
-    if found is None or found.step != cfg.steps:
-        trainer.save(cfg.steps)
-    final = trainer.evaluate(list(range(len(inputs.ladder))))
-    log_eval(trainer, logs, callbacks, cfg.steps, final)
-    apply_ranks(trainer.model, inputs.settings[-1])
-    project = Path(cfg.project)
-    refuse_nonfinite(trainer.model, f"the fine-tuned model over {project / MODEL_DIR}")
-    mark_unfinished(project, "finetune")  # until record_stage: explains a kill in between
-    with staging_dir(project / MODEL_DIR) as tmp:
-        save_model(trainer.model, inputs.tokenizer, tmp)
-    summary = build_summary(trainer, final, start, seconds)
-    outputs = folder_records(project / MODEL_DIR, project)
-    outputs += [file_record(log.path, project) for log in logs.values()]
-    record_stage(project, "finetune", inputs.resolved, outputs, summary)
-    return summary
-
-
-def build_summary(trainer: Trainer, final: dict[float, dict], start: int, seconds: float) -> dict:
-    inputs, cfg = trainer.inputs, trainer.cfg
-    weights = trainer.weights.weights() if cfg.objective == "uncertainty" else None
-    before = trainer.state.get("before", {})
-    ranks = [{"fraction": f, "weight": weights[i] if weights else None,
-              "before": before.get(str(f)), "after": final[f]}
-             for i, f in enumerate(inputs.ladder)]
-    return {"steps": cfg.steps, "resumed_from": start or None,
-            "train_tokens": int(trainer.state.get("tokens", 0)),
-            "seconds_this_run": round(seconds, 2), "objective": cfg.objective,
-            "distill": cfg.distill, "ladder": inputs.ladder, "head": inputs.head,
-            "labels": inputs.data.labels, "data": inputs.data.stats, "ranks": ranks}

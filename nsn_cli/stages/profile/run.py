@@ -14,84 +14,29 @@ The columns of profile.csv are documented in the README ("profile.csv columns").
 from __future__ import annotations
 
 import contextlib
-import math
 import statistics
 import tempfile
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable
 
 import torch
 from torch import nn
 
-from nsn_cli.nested.budget import apply_ranks, cost_table, set_budget, set_rank
-from nsn_cli.stages.config import ProfileConfig, to_dict
+from nsn_cli.nested.budget import apply_ranks, cost_table, set_rank
+from nsn_cli.stages.config import ProfileConfig
 from nsn_cli.project.data import load_task_data
 from nsn_cli.errors import BudgetError, ProjectError
-from nsn_cli.stages.evaluate import METRICS, EvalResult, batches, evaluate, label_mapping
+from nsn_cli.stages.evaluate import EvalResult, batches, evaluate, label_mapping
 from nsn_cli.stages.export import merge_layers
 from nsn_cli.stages.profile.measure import (activation_peak_bytes, active_weights, counted_flops_per_token,
                       round_robin_times)
 from nsn_cli.stages.profile.setup import (DTYPES, data_spec, reconvert, resolve_data, resvd, resolve_device,
                             resolve_seq_len, timing_batch, validate)
-from nsn_cli.project.manifest import (mark_unfinished, read_manifest, record_stage)
-from nsn_cli.project.files import (atomic_write_json, atomic_write_text, folder_records)
-from nsn_cli.project.staging import staging_dir
+from nsn_cli.project.manifest import read_manifest
+from nsn_cli.stages.profile.outputs import COLUMN_TYPES, MB, columns_for, run_record, write_outputs
+from nsn_cli.stages.profile.points import DEFAULT_BUDGETS, Point, ladder_points, plan_points
 from nsn_cli.nested.surgery import nested_layers
-
-DEFAULT_BUDGETS = (0.05, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
-SETTING_COLUMNS = ["variant", "budget", "rank_fraction", "mean_rank_fraction", "min_rank",
-                   "max_rank", "flops_per_token", "flops_fraction", "flops_counted_per_token",
-                   "flops_counted_fraction", "params", "params_fraction"]
-COST_COLUMNS = ["latency_ms", "latency_ms_min", "latency_ms_max", "latency_ratio",
-                "weights_mb", "activations_mb", "peak_memory_mb"]
-MB = 1e6
-# Columns that are empty for some rows (the dense one has no budget and no ranks).
-COLUMN_TYPES = {"budget": float, "rank_fraction": float, "min_rank": "Int64", "max_rank": "Int64"}
-
-
-def columns_for(task: str) -> list[str]:
-    return SETTING_COLUMNS + list(METRICS[task]) + COST_COLUMNS
-
-
-# ---------------------------------------------------------------- settings to measure
-
-@dataclass
-class Point:
-    """One rank setting to measure, and the request(s) that led to it."""
-
-    variant: str
-    ranks: dict[str, int] | None  # None: the dense model
-    budget: float | None = None
-    rank_fraction: float | None = None
-    also: list[float] = field(default_factory=list)  # other requests with the same ranks
-
-
-def plan_points(model: nn.Module, variant: str, budgets: list[float] | None,
-                rank_fractions: list[float] | None, seq_len: int
-                ) -> tuple[list[Point], list[dict]]:
-    """Distinct settings in request order; requests below the model's floor are skipped."""
-    points: dict[tuple, Point] = {}
-    skipped = []
-    for value in (rank_fractions or budgets):
-        try:
-            if rank_fractions:
-                ranks = set_rank(model, fraction=value)
-            else:
-                ranks = set_budget(model, value, seq_len=seq_len).ranks
-        except BudgetError as exc:
-            skipped.append({"variant": variant, "budget": value, "floor": exc.floor,
-                            "reason": str(exc)})
-            continue
-        key = tuple(sorted(ranks.items()))
-        if key in points:
-            points[key].also.append(value)
-        elif rank_fractions:
-            points[key] = Point(variant, ranks, rank_fraction=value)
-        else:
-            points[key] = Point(variant, ranks, budget=value)
-    return list(points.values()), skipped
-
 
 # ---------------------------------------------------------------- measurements
 
@@ -150,40 +95,6 @@ def add_latency(rows: list[dict], times: list[list[float]], dense_times: list[fl
         row.update(latency_ms=statistics.median(ms), latency_ms_min=min(ms),
                    latency_ms_max=max(ms),
                    latency_ratio=statistics.median(t / d for t, d in zip(ms, dense_times)))
-
-
-# ---------------------------------------------------------------- ladder ranks
-
-def ladder_fractions(manifest: dict) -> list[float]:
-    """Rank fractions finetune trained on (its ladder), if the manifest records them."""
-    stage = manifest["stages"].get("finetune") or {}
-    for source in (stage.get("summary") or {}, stage.get("config") or {}):
-        values = source.get("ladder")
-        if isinstance(values, str):  # the flag's comma-separated form
-            values = values.split(",")
-        found = []
-        for value in values if isinstance(values, list) else []:
-            value = value.get("fraction") if isinstance(value, dict) else value
-            try:
-                value = float(value)
-            except (TypeError, ValueError):
-                continue
-            if 0 < value <= 1:
-                found.append(value)
-        if found:
-            return sorted(set(found))
-    return []
-
-
-def ladder_points(model: nn.Module, manifest: dict, seq_len: int) -> list[dict]:
-    """Where each trained ladder rank sits on the FLOPs axis (for the frontier plot)."""
-    from nsn_cli.nested.allocation import ranks_at
-
-    table = cost_table(model)
-    dense = table.dense_flops(seq_len)
-    return [{"rank_fraction": f, "flops_fraction": table.flops(ranks_at(model, f, seq_len),
-                                                               seq_len) / dense}
-            for f in ladder_fractions(manifest)]
 
 
 # ---------------------------------------------------------------- the stage
@@ -330,38 +241,3 @@ def measure_baseline(baseline: nn.Module, dense: nn.Module, cfg: ProfileConfig, 
     return rows
 
 
-def run_record(cfg: ProfileConfig, device, bench: Bench, points: int,
-               skipped: list[dict]) -> dict:
-    """What the numbers were measured on (recorded in nsn.json and profile.json)."""
-    return {"device": str(device), "dtype": cfg.dtype, "batch_size": cfg.batch_size,
-            "seq_len": cfg.seq_len, "samples": bench.eval_result.samples,
-            "tokens": bench.eval_result.tokens, "data": cfg.data, "task": bench.task,
-            "timing_batch_tokens": int(bench.timing_batch["input_ids"].numel()),
-            "repeats": cfg.repeats, "warmup": cfg.warmup, "threads": torch.get_num_threads(),
-            "torch": torch.__version__, "points": points, "skipped": len(skipped),
-            "dense_flops_per_token": bench.dense_flops, "dense_latency_ms": bench.dense_latency}
-
-
-def json_safe(value):
-    """NaN and ±inf are not JSON: write them as null."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {k: json_safe(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [json_safe(v) for v in value]
-    return value
-
-
-def write_outputs(project: Path, cfg: ProfileConfig, frame, rows: list[dict], run: dict,
-                  skipped: list[dict], ladder: list[dict]) -> Path:
-    """profile.csv and profile.json, written together; then the run goes into nsn.json."""
-    out = project / "profile"
-    doc = {"run": run, "columns": list(frame.columns), "skipped": skipped, "ladder": ladder,
-           "points": rows}
-    mark_unfinished(project, "profile")  # a kill before record_stage explains itself
-    with staging_dir(out) as tmp:
-        atomic_write_text(tmp / "profile.csv", frame.to_csv(index=False))
-        atomic_write_json(tmp / "profile.json", json_safe(doc))
-    record_stage(project, "profile", to_dict(cfg), folder_records(out, project), run)
-    return out

@@ -10,7 +10,8 @@ from safetensors.torch import load_file
 
 from tests.helpers import DATA, TINY_TEXT, runner, snapshot
 from nsn_cli.project import checkpoint as ckpt
-from nsn_cli.stages.finetune import trainer as ft
+from nsn_cli.stages.finetune import stage as ft
+from nsn_cli.stages.finetune import trainer
 from nsn_cli import load, set_rank
 from nsn_cli.cli.app import app
 from nsn_cli.stages.config import FinetuneConfig
@@ -135,14 +136,14 @@ class Killed(Exception):
 
 def kill_at(monkeypatch, step_index):
     """Make the run die as it starts optimizer step `step_index` (0-based)."""
-    real = ft.Trainer.train_step
+    real = trainer.Trainer.train_step
 
     def train_step(self, step):
         if step == step_index:
             raise Killed()
         return real(self, step)
 
-    monkeypatch.setattr(ft.Trainer, "train_step", train_step)
+    monkeypatch.setattr(trainer.Trainer, "train_step", train_step)
     return real
 
 
@@ -156,7 +157,7 @@ def test_resume_repeats_the_uninterrupted_run(converted, tmp_path, monkeypatch):
         run(resumed, **settings)
     assert "finetune" not in json.loads((resumed / "nsn.json").read_text())["stages"]
     assert len(read_csv(resumed / "finetune" / "metrics.csv")) == 6 * 2
-    monkeypatch.setattr(ft.Trainer, "train_step", real)
+    monkeypatch.setattr(trainer.Trainer, "train_step", real)
     result = run(resumed, resume=True, **settings)
     assert result.resumed_from == 4
 
@@ -200,14 +201,14 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(lm_project, monkeypat
     model_before = snapshot(lm_project / "model")
     manifest_before = (lm_project / "nsn.json").read_bytes()
     calls = {"n": 0}
-    real_loss = ft.task_loss
+    real_loss = trainer.task_loss
 
     def poisoned(task, logits, batch):
         calls["n"] += 1
         loss = real_loss(task, logits, batch)
         return loss * float("nan") if calls["n"] > 8 else loss  # step 5 (two ranks a step)
 
-    monkeypatch.setattr(ft, "task_loss", poisoned)
+    monkeypatch.setattr(trainer, "task_loss", poisoned)
     with pytest.raises(TrainingError, match="step 5") as info:
         run(lm_project, steps=10, save_every=2)
     assert "step-000004" in str(info.value)
@@ -279,20 +280,20 @@ def test_grad_accumulation_reads_the_same_rows(lm_project):
     """batch 2 × 2 micro-batches reads exactly the rows of batch 4 × 1, in order."""
     cfg = FinetuneConfig(project=str(lm_project), data=str(TINY_TEXT), **FAST)
     inputs = ft.load_inputs(cfg, [1.0], ft.setup("cpu"))
-    one = ft.Trainer(FinetuneConfig(**{**cfg.__dict__, "batch_size": 4}), inputs, ft.setup("cpu"))
-    two = ft.Trainer(FinetuneConfig(**{**cfg.__dict__, "batch_size": 2, "grad_accum": 2}),
+    one = trainer.Trainer(FinetuneConfig(**{**cfg.__dict__, "batch_size": 4}), inputs, ft.setup("cpu"))
+    two = trainer.Trainer(FinetuneConfig(**{**cfg.__dict__, "batch_size": 2, "grad_accum": 2}),
                      inputs, ft.setup("cpu"))
     for step in range(3):
         whole = one.micro_batch(step, 0)["input_ids"]
         halves = torch.cat([two.micro_batch(step, m)["input_ids"] for m in range(2)])
         assert torch.equal(whole, halves)
     rows = len(inputs.data.train)
-    seen = ft.RowStream(rows, 0).take(0, rows)
+    seen = trainer.RowStream(rows, 0).take(0, rows)
     assert sorted(seen) == list(range(rows))  # one epoch visits every row once
 
 
 def test_lr_schedule_warms_up_then_decays_to_a_tenth():
-    factors = [ft.lr_factor(s, 100, 0.1) for s in range(100)]
+    factors = [trainer.lr_factor(s, 100, 0.1) for s in range(100)]
     assert factors[0] == pytest.approx(0.1) and factors[9] == pytest.approx(1.0)
     assert factors[10] == pytest.approx(1.0)
     assert all(a >= b for a, b in zip(factors[10:], factors[11:]))
