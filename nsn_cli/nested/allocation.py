@@ -20,12 +20,16 @@ components from the second on, as indices into the list of layer names.
 
 from __future__ import annotations
 
+from functools import partial
+
 import torch
 from torch import nn
 
-from nsn_cli.nested.budget import DEFAULT_SEQ_LEN, cost_table, ranks_for_fraction
 from nsn_cli.errors import ProjectError, UsageError
+from nsn_cli.nested.budget import DEFAULT_SEQ_LEN, cost_table, settings_for
 from nsn_cli.nested.layer import NestedLinear
+from nsn_cli.nested.settings import UniformSettings, highest_within, ranks_for_fraction
+from nsn_cli.nested.state import nested_state
 from nsn_cli.nested.surgery import nested_layers
 
 ALLOCATIONS = ("auto", "uniform", "global")
@@ -38,14 +42,15 @@ PROBE_BATCHES = 4
 
 
 class GlobalSettings:
-    """A monotone family of rank settings: setting i = rank 1 everywhere plus the
+    """A settings family (nested/settings.py): setting i = rank 1 everywhere plus the
     first i components of the global ordering (so raising i never lowers a rank)."""
 
-    def __init__(self, names: list[str], order: torch.Tensor, max_ranks: list[int]):
+    def __init__(self, names: list[str], order: torch.Tensor, max_ranks: list[int],
+                 criterion: str = CRITERION):
         self.names = list(names)
         self.order = torch.as_tensor(order, dtype=torch.long)
         self.max_ranks = list(max_ranks)
-        self.criterion = CRITERION
+        self.criterion = criterion
         check_order(self.names, self.order, self.max_ranks)
 
     def __len__(self) -> int:
@@ -56,6 +61,23 @@ class GlobalSettings:
             raise IndexError(index)
         counts = torch.bincount(self.order[:index], minlength=len(self.names)) + 1
         return dict(zip(self.names, counts.tolist()))
+
+    def truncated(self, ranks: dict[str, int]) -> GlobalSettings:
+        """The ordering of the model cut to `ranks` (each layer keeps its first r).
+
+        Each layer keeps the first r − 1 of its appearances, in their global order: for
+        a budget setting (a prefix of the ordering) that is exactly the prefix, and for
+        any other setting still a valid ordering of what is left.
+        """
+        left = {name: ranks[name] - 1 for name in self.names}
+        kept = []
+        for index in self.order.tolist():
+            name = self.names[index]
+            if left[name] > 0:
+                left[name] -= 1
+                kept.append(index)
+        return GlobalSettings(self.names, torch.tensor(kept, dtype=torch.long),
+                              [ranks[n] for n in self.names], self.criterion)
 
 
 def check_order(names: list[str], order: torch.Tensor, max_ranks: list[int]) -> None:
@@ -180,13 +202,14 @@ def final_hidden(model: nn.Module, batch: dict) -> torch.Tensor:
     return hidden[mask.bool()] if mask is not None else hidden.reshape(-1, hidden.shape[-1])
 
 
-def attach_global(model: nn.Module, names: list[str], order: torch.Tensor) -> GlobalSettings:
+def attach_global(model: nn.Module, names: list[str], order: torch.Tensor,
+                  criterion: str = CRITERION) -> GlobalSettings:
     """Make `set_budget` (and finetune's ladder) use this ordering for `model`."""
     layers = nested_layers(model)
     if sorted(names) != sorted(layers):
         raise ProjectError("allocation: its layers do not match the model's nested layers")
-    settings = GlobalSettings(names, order, [layers[n].max_rank for n in names])
-    model._nsn_settings = settings
+    settings = GlobalSettings(names, order, [layers[n].max_rank for n in names], criterion)
+    nested_state(model).settings = settings
     return settings
 
 
@@ -200,9 +223,8 @@ def build_global(model: nn.Module, energies: dict[str, torch.Tensor] | None = No
     weights = None
     if energies and calib_batches:
         weights = layer_sensitivity(model, calib_batches[:PROBE_BATCHES], energies)
-    settings = attach_global(model, *global_order(model, energies, weights=weights))
-    settings.criterion = SENSITIVE if weights else CRITERION
-    return settings
+    return attach_global(model, *global_order(model, energies, weights=weights),
+                         criterion=SENSITIVE if weights else CRITERION)
 
 
 # ---------------------------------------------------------------- ladder points
@@ -219,16 +241,10 @@ def ranks_at(model: nn.Module, fraction: float, seq_len: int = DEFAULT_SEQ_LEN
         raise UsageError(f"rank fraction must be in (0, 1], got {fraction}")
     layers = nested_layers(model)
     uniform = ranks_for_fraction(layers, fraction)
-    settings = getattr(model, "_nsn_settings", None)
-    if settings is None:
+    settings = settings_for(model, layers)
+    if isinstance(settings, UniformSettings):
         return uniform
     table = cost_table(model)
     limit = table.flops(uniform, seq_len) * (1 + 1e-12)
-    lo, hi = 0, len(settings) - 1  # the largest index whose cost is within the limit
-    while lo < hi:
-        mid = (lo + hi + 1) // 2
-        if table.flops(settings.ranks(mid), seq_len) <= limit:
-            lo = mid
-        else:
-            hi = mid - 1
-    return settings.ranks(lo)
+    best = highest_within(settings, partial(table.flops, seq_len=seq_len), limit)
+    return settings.ranks(max(best, 0))  # rank 1 everywhere costs at most any uniform setting

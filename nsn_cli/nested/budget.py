@@ -15,14 +15,17 @@ The budget fraction is always relative to the original dense model at the same s
 
 from __future__ import annotations
 
-import bisect
 from dataclasses import dataclass, field
+from functools import partial
 
 import torch
 from torch import nn
 
 from nsn_cli.errors import BudgetError, UsageError
 from nsn_cli.nested.layer import NestedLinear, transient
+from nsn_cli.nested.settings import (SettingsFamily, UniformSettings, highest_within,
+                                     ranks_for_fraction)
+from nsn_cli.nested.state import nested_state
 from nsn_cli.nested.surgery import dense_weight, linear_like, nested_layers, weight_sharers
 
 DEFAULT_SEQ_LEN = 128
@@ -72,9 +75,16 @@ def attention_width(config) -> int:
 
 
 def cost_table(model: nn.Module, refresh: bool = False) -> CostTable:
-    """The model's CostTable, probed once and cached on the model."""
-    cached = getattr(model, "_nsn_cost", None)
-    if cached is not None and not refresh:
+    """The model's CostTable, probed once and cached in its NestedState.
+
+    The cache is used only while it describes the model's current nested layers (the
+    same modules, by identity): a model whose layers were truncated, merged or
+    replaced gets a fresh probe instead of the costs of layers it no longer has.
+    """
+    state = nested_state(model)
+    layers = nested_layers(model)
+    cached = state.cost
+    if cached is not None and not refresh and same_layers(cached.layers, layers):
         return cached
     rows = probe_rows(model)
     dense, nested = {}, {}
@@ -87,9 +97,12 @@ def cost_table(model: nn.Module, refresh: bool = False) -> CostTable:
         else:
             d_out, d_in = dense_weight(module).shape
             dense[name] = (d_in, d_out, per_seq)
-    table = CostTable(dense, nested, attention_width(model.config), nested_layers(model))
-    model._nsn_cost = table
-    return table
+    state.cost = CostTable(dense, nested, attention_width(model.config), layers)
+    return state.cost
+
+
+def same_layers(a: dict[str, NestedLinear], b: dict[str, NestedLinear]) -> bool:
+    return a.keys() == b.keys() and all(a[n] is b[n] for n in a)
 
 
 def probe_rows(model: nn.Module) -> dict[str, int]:
@@ -118,11 +131,6 @@ def probe_rows(model: nn.Module) -> dict[str, int]:
 
 
 # ---------------------------------------------------------------- rank control
-
-def ranks_for_fraction(layers: dict[str, NestedLinear], fraction: float) -> dict[str, int]:
-    """The same fraction of R in every layer: r = max(1, ⌊fraction·R⌋)."""
-    return {n: max(1, int(fraction * m.max_rank + 1e-9)) for n, m in layers.items()}
-
 
 def apply_ranks(model: nn.Module, ranks: dict[str, int]) -> None:
     layers = nested_layers(model)
@@ -167,25 +175,22 @@ class BudgetChoice:
     flops_fraction: float
 
 
-class Settings:
-    """A monotone family of rank settings: setting i+1 never has a lower rank anywhere."""
+def settings_for(model: nn.Module, layers: dict[str, NestedLinear] | None = None
+                 ) -> SettingsFamily:
+    """The model's own settings family (a global ordering), else uniform fractions of R.
 
-    def __init__(self, layers: dict[str, NestedLinear]):
-        self.layers = layers
-        tops = {m.max_rank for m in layers.values()}  # a few distinct R, not one per layer
-        self.fractions = sorted({k / top for top in tops for k in range(1, top + 1)})
-
-    def __len__(self) -> int:
-        return len(self.fractions)
-
-    def ranks(self, index: int) -> dict[str, int]:
-        return ranks_for_fraction(self.layers, self.fractions[index])
-
-
-def settings_for(model: nn.Module):
-    """Uniform settings, or the global per-layer ordering when the model carries one."""
-    custom = getattr(model, "_nsn_settings", None)
-    return custom if custom is not None else Settings(nested_layers(model))
+    A family that no longer fits the layers (their names or R changed outside nsn's
+    transforms) is refused here, rather than applying ranks the layers do not have.
+    """
+    layers = nested_layers(model) if layers is None else layers
+    custom = nested_state(model).settings
+    if custom is None:
+        return UniformSettings(layers)
+    tops = dict(zip(custom.names, custom.max_ranks))
+    if tops != {n: m.max_rank for n, m in layers.items()}:
+        raise UsageError("this model's rank ordering does not match its nested layers "
+                         "(they were changed outside nsn); reload the project")
+    return custom
 
 
 def set_budget(model: nn.Module, budget: float, seq_len: int = DEFAULT_SEQ_LEN) -> BudgetChoice:
@@ -193,33 +198,19 @@ def set_budget(model: nn.Module, budget: float, seq_len: int = DEFAULT_SEQ_LEN) 
     if not 0 < budget <= 1:
         raise UsageError(f"budget must be in (0, 1], got {budget}")
     table = cost_table(model)
-    settings = settings_for(model)
+    settings = settings_for(model, table.layers)
     if not len(settings):
         raise UsageError("this model has no nested layers (convert it first)")
     dense = table.dense_flops(seq_len)
-    limit = budget * dense * (1 + 1e-12)
-    costs = _LazyCosts(table, settings, seq_len)
-    best = bisect.bisect_right(costs, limit) - 1
+    cost = partial(table.flops, seq_len=seq_len)
+    best = highest_within(settings, cost, budget * dense * (1 + 1e-12))
     if best < 0:
-        floor = costs[0] / dense
+        floor = cost(settings.ranks(0)) / dense
         raise BudgetError(floor_message(model, table, floor, budget, seq_len), floor=floor)
     ranks = settings.ranks(best)
     apply_ranks(model, ranks)
-    flops = costs[best]
+    flops = cost(ranks)
     return BudgetChoice(ranks, flops, flops / dense)
-
-
-class _LazyCosts:
-    """A sequence view of setting costs, so bisect evaluates only O(log n) of them."""
-
-    def __init__(self, table: CostTable, settings, seq_len: int):
-        self.table, self.settings, self.seq_len = table, settings, seq_len
-
-    def __len__(self) -> int:
-        return len(self.settings)
-
-    def __getitem__(self, index: int) -> float:
-        return self.table.flops(self.settings.ranks(index), self.seq_len)
 
 
 def floor_message(model: nn.Module, table: CostTable, floor: float, budget: float,

@@ -19,6 +19,7 @@ from nsn_cli.nested.decompose import svd_factors_many
 from nsn_cli.errors import UsageError
 from nsn_cli.nested.memory import release_pages
 from nsn_cli.nested.layer import NestedLinear
+from nsn_cli.nested.state import nested_state
 
 PRESETS = ("all", "attn", "mlp")
 # A module inside a transformer block sits under an indexed ModuleList: "h.3.", "layer.0.".
@@ -198,6 +199,7 @@ def nest_model(model: nn.Module, specs: list[ModuleSpec], method: str = "auto",
         new = NestedLinear.from_factors(A, B, old.bias, dtype=old.weight.dtype)
         new.train(old.training)
         replace_module(model, spec.name, new)
+        nested_state(model).kinds[spec.name] = spec.kind
         if on_layer is not None:
             on_layer(spec)
 
@@ -212,6 +214,7 @@ def build_shells(model: nn.Module, specs: Iterable[ModuleSpec]) -> None:
         shell = NestedLinear(spec.d_in, spec.d_out, spec.max_rank, bias=spec.bias,
                              dtype=old.weight.dtype, device=old.weight.device)
         replace_module(model, spec.name, shell)
+        nested_state(model).kinds[spec.name] = spec.kind
 
 
 def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:

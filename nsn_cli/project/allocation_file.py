@@ -50,6 +50,4 @@ def load_into(model: nn.Module, project: Path, manifest: dict) -> GlobalSettings
         return None
     source = contained_path(project, record.get("path", ALLOCATION_FILE), manifest_path(project))
     names, order = read_allocation(source, record.get("sha256"))
-    settings = attach_global(model, names, order)
-    settings.criterion = record.get("criterion", CRITERION)
-    return settings
+    return attach_global(model, names, order, record.get("criterion", CRITERION))

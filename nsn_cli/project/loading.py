@@ -169,7 +169,6 @@ def load(project, device: str | torch.device = "cpu", dtype: torch.dtype | None 
     tokenizer = None
     with contextlib.suppress(OSError, ValueError):
         tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    model._nsn_manifest = manifest
     from nsn_cli.project.allocation_file import load_into
 
     load_into(model, project, manifest)  # the global rank ordering, when there is one

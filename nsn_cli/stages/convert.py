@@ -14,6 +14,7 @@ from nsn_cli.project.allocation_file import ALLOCATION_FILE, write_allocation
 from nsn_cli.nested.budget import cost_table
 from nsn_cli.stages.config import ConvertConfig, to_dict
 from nsn_cli.nested.decompose import METHODS
+from nsn_cli.nested.state import nested_state
 from nsn_cli.errors import UsageError
 from nsn_cli.project.loading import TASKS, load_source, save_model
 from nsn_cli.project.manifest import MODEL_DIR, write_manifest
@@ -117,7 +118,7 @@ def convert(cfg: ConvertConfig, on_start: Callable[[int], None] | None = None,
         save_model(model, tokenizer, tmp / MODEL_DIR)
         outputs = folder_records(tmp / MODEL_DIR, tmp)
         allocation = {"method": allocation}
-        settings = getattr(model, "_nsn_settings", None)
+        settings = nested_state(model).settings
         if settings is not None:
             write_allocation(tmp / ALLOCATION_FILE, settings.names, settings.order,
                              settings.criterion)

@@ -9,7 +9,9 @@ from tests.helpers import DATA, TINY_TEXT, build_tiny, runner, sample_ids
 from nsn_cli import load, set_budget
 from nsn_cli.nested.allocation import (GlobalSettings, attach_global, component_energy, global_order,
                                 layer_blocks, ranks_at)
-from nsn_cli.nested.budget import cost_table, ranks_for_fraction
+from nsn_cli.nested.budget import cost_table
+from nsn_cli.nested.settings import ranks_for_fraction
+from nsn_cli.nested.state import nested_state
 from nsn_cli.cli.app import app
 from nsn_cli.stages.config import ConvertConfig
 from nsn_cli.stages.convert import convert, convert_model
@@ -43,7 +45,7 @@ def test_blocks_pool_rising_value_per_flop():
 
 def test_settings_are_monotone_and_span_floor_to_full():
     model = global_model()
-    settings = model._nsn_settings
+    settings = nested_state(model).settings
     layers = nested_layers(model)
     previous = settings.ranks(0)
     assert set(previous.values()) == {1}
@@ -65,7 +67,7 @@ def test_low_rank_layer_gets_its_spare_components_last():
         u, v = torch.randn(layer.out_features, 2), torch.randn(2, layer.in_features)
         layer.weight.copy_(u @ v)
     convert_model(model, allocation="global")
-    settings = model._nsn_settings
+    settings = nested_state(model).settings
     index = settings.names.index(name)
     tail = settings.order[-(nested_layers(model)[name].max_rank - 2):]
     assert (tail == index).all()
@@ -75,11 +77,11 @@ def test_low_rank_layer_gets_its_spare_components_last():
 def test_set_budget_takes_the_largest_affordable_prefix(position):
     model = global_model()
     table = cost_table(model)
-    floor = table.flops(model._nsn_settings.ranks(0)) / table.dense_flops()
+    floor = table.flops(nested_state(model).settings.ranks(0)) / table.dense_flops()
     budget = floor + position * (1 - floor)
     choice = set_budget(model, budget)
     assert choice.flops_fraction <= budget + 1e-12
-    settings = model._nsn_settings
+    settings = nested_state(model).settings
     index = sum(choice.ranks.values()) - len(choice.ranks)  # components beyond rank 1
     assert settings.ranks(index) == choice.ranks
     if index + 1 < len(settings):
@@ -124,12 +126,12 @@ def test_component_energy_of_plain_svd_is_squared_singular_values():
 
 def test_orderings_that_do_not_fit_the_model_are_refused():
     model = global_model()
-    names, order = model._nsn_settings.names, model._nsn_settings.order
+    names, order = nested_state(model).settings.names, nested_state(model).settings.order
     with pytest.raises(ProjectError):
         attach_global(model, names, order[:-1])
     with pytest.raises(ProjectError):
         GlobalSettings(names, torch.cat([order, torch.tensor([len(names)])]),
-                       model._nsn_settings.max_ranks)
+                       nested_state(model).settings.max_ranks)
 
 
 @pytest.fixture(scope="module")
@@ -160,9 +162,9 @@ def test_manifest_records_method_calibration_and_allocation(global_project):
 
 def test_save_load_restores_ordering_and_budget_ranks(global_project, tiny_models):
     model, _ = load(global_project)
-    assert isinstance(model._nsn_settings, GlobalSettings)
+    assert isinstance(nested_state(model).settings, GlobalSettings)
     doc = json.loads((global_project / "allocation.json").read_text())
-    assert model._nsn_settings.order.tolist() == doc["order"]
+    assert nested_state(model).settings.order.tolist() == doc["order"]
     # The same conversion in memory gives the same ordering and the same ranks per budget.
     from nsn_cli.stages.calibration import calibration_batches
     from nsn_cli.project.loading import load_source
@@ -193,7 +195,7 @@ def test_uniform_default_writes_no_allocation(converted):
     manifest = json.loads((converted["gpt2"] / "nsn.json").read_text())
     assert manifest["allocation"] == {"method": "uniform"}
     model, _ = load(converted["gpt2"])
-    assert getattr(model, "_nsn_settings", None) is None
+    assert nested_state(model).settings is None
 
 
 def test_cli_convert_with_calibration_for_a_classifier(tiny_models, tmp_path):
@@ -249,5 +251,5 @@ def test_auto_allocation_is_global_only_with_calibration():
     calibrated, plain = build_tiny("llama"), build_tiny("llama")
     convert_model(calibrated, calib_batches=batches)  # allocation="auto"
     convert_model(plain)
-    assert isinstance(calibrated._nsn_settings, GlobalSettings)
-    assert getattr(plain, "_nsn_settings", None) is None
+    assert isinstance(nested_state(calibrated).settings, GlobalSettings)
+    assert nested_state(plain).settings is None

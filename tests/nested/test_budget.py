@@ -5,7 +5,8 @@ import torch
 
 from tests.helpers import build_tiny, sample_ids
 from nsn_cli import set_budget, set_rank
-from nsn_cli.nested.budget import Settings, cost_table, flop_counter, flops_fraction
+from nsn_cli.nested.settings import UniformSettings
+from nsn_cli.nested.budget import cost_table, flop_counter, flops_fraction
 from nsn_cli.stages.convert import convert_model
 from nsn_cli.errors import BudgetError, UsageError
 from nsn_cli.nested.surgery import nested_layers
@@ -45,7 +46,7 @@ def test_dense_reference_matches_original_model(family):
 
 def floor_of(model):
     table = cost_table(model)
-    return table.flops(Settings(nested_layers(model)).ranks(0)) / table.dense_flops()
+    return table.flops(UniformSettings(nested_layers(model)).ranks(0)) / table.dense_flops()
 
 
 @pytest.mark.parametrize("position", [0.0, 0.2, 0.5, 0.8, 0.99, 1.0])
@@ -56,7 +57,7 @@ def test_set_budget_is_largest_setting_within_budget(position):
     choice = set_budget(model, budget)
     assert choice.flops_fraction <= budget + 1e-12
     assert flops_fraction(model) == pytest.approx(choice.flops_fraction)
-    settings = Settings(nested_layers(model))
+    settings = UniformSettings(nested_layers(model))
     table = cost_table(model)
     index = next(i for i in range(len(settings)) if settings.ranks(i) == choice.ranks)
     if index + 1 < len(settings):  # the next larger setting would break the budget

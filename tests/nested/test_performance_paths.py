@@ -9,7 +9,8 @@ import torch
 
 from tests.helpers import REPO, build_tiny, sample_ids
 from nsn_cli import set_budget, set_rank
-from nsn_cli.nested.budget import Settings, apply_ranks, cost_table, flop_counter
+from nsn_cli.nested.settings import UniformSettings
+from nsn_cli.nested.budget import apply_ranks, cost_table, flop_counter
 from nsn_cli.stages.convert import convert_model
 from nsn_cli.nested.decompose import exact_svd, svd_factors, svd_factors_many
 from nsn_cli.errors import BudgetError
@@ -198,7 +199,7 @@ def test_parallel_svds_equal_sequential_and_restore_threads():
 
 def floor_of(model):
     table = cost_table(model)
-    return table.flops(Settings(nested_layers(model)).ranks(0)) / table.dense_flops()
+    return table.flops(UniformSettings(nested_layers(model)).ranks(0)) / table.dense_flops()
 
 
 @pytest.mark.parametrize("family", ["gpt2", "llama"])

@@ -7,13 +7,17 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
-from tests.helpers import runner, sample_ids
+from tests.helpers import TINY_TEXT, runner, sample_ids
 from nsn_cli import load, set_budget
 from nsn_cli.cli.app import app
 from nsn_cli.stages.config import ConvertConfig, ExportConfig
 from nsn_cli.stages.convert import convert
 from nsn_cli.errors import BudgetError, ProjectError, UsageError
-from nsn_cli.stages.export import EXPORT_INFO, export, merge_layers
+from nsn_cli.nested.allocation import ranks_at
+from nsn_cli.nested.budget import flops_fraction
+from nsn_cli.nested.state import nested_state
+from nsn_cli.nested.transforms import merge_layers, truncate_layers
+from nsn_cli.stages.export import EXPORT_INFO, export
 from nsn_cli.nested.layer import NestedLinear
 from nsn_cli.project.manifest import read_manifest
 from nsn_cli.nested.surgery import conv1d_class, nested_layers
@@ -99,7 +103,7 @@ def test_global_allocation_survives_a_factored_export(tiny_models, tmp_path):
     export(ExportConfig(project=str(project), dest=str(dest), budget=0.6, seq_len=SEQ_LEN))
     nested, choice = nested_at(project, 0.6)
     small, _ = load(dest)
-    assert small._nsn_settings is not None  # the truncated ordering was written and loaded
+    assert nested_state(small).settings is not None  # the truncated ordering was written and loaded
     # The export's own full budget is the chosen setting; lower budgets still work.
     full = set_budget(small, 1.0, seq_len=SEQ_LEN)
     assert full.ranks == choice.ranks
@@ -155,3 +159,58 @@ def test_export_cli(converted, tmp_path):
     bad = runner.invoke(app, ["export", str(converted["bert"]), str(tmp_path / "x"),
                                    "--budget", "0.5", "--format", "zip"])
     assert bad.exit_code == 2 and "--format" in bad.output
+
+
+# ---------------------------------------------------------------- the state stays true
+
+@pytest.fixture(scope="module")
+def calibrated_gpt2(tiny_models, tmp_path_factory):
+    """A GPT-2 project converted with --calib: whitened SVD and a global ordering."""
+    out = tmp_path_factory.mktemp("calibrated") / "gpt2"
+    convert(ConvertConfig(model=str(tiny_models["gpt2"]), out_dir=str(out), calib=str(TINY_TEXT),
+                          calib_samples=6, calib_seq_len=16))
+    return out
+
+
+def assert_budgets_work(model, kept):
+    """Budgets 0.5 and 1.0 on a model truncated to `kept`: within budget and within R."""
+    assert nested_state(model).settings is not None  # still the global ordering
+    for budget in (0.5, 1.0):
+        choice = set_budget(model, budget, seq_len=SEQ_LEN)
+        assert choice.flops_fraction <= budget * (1 + 1e-9)
+        assert choice.flops_fraction == pytest.approx(flops_fraction(model, SEQ_LEN))
+        assert all(1 <= r <= kept[n] for n, r in choice.ranks.items())
+    assert choice.ranks == kept  # the full budget is the truncated model at full rank
+    assert ranks_at(model, 1.0) == kept  # the ladder sees the same, cut ordering
+
+
+def test_budgets_work_after_truncating_a_calibrated_model_in_memory(calibrated_gpt2):
+    model, _ = load(calibrated_gpt2)
+    kept = set_budget(model, 0.7, seq_len=SEQ_LEN).ranks
+    assert truncate_layers(model) == kept
+    assert_budgets_work(model, kept)
+
+
+def test_budgets_work_on_a_loaded_factored_export_of_a_calibrated_model(calibrated_gpt2,
+                                                                        tmp_path):
+    dest = tmp_path / "factored"
+    export(ExportConfig(project=str(calibrated_gpt2), dest=str(dest), budget=0.7,
+                        seq_len=SEQ_LEN))
+    kept = nested_at(calibrated_gpt2, 0.7)[1].ranks
+    small, _ = load(dest)
+    assert_budgets_work(small, kept)
+    source = json.loads((calibrated_gpt2 / "allocation.json").read_text())
+    written = json.loads((dest / "allocation.json").read_text())
+    assert written["criterion"] == source["criterion"]  # the file says how it was ordered
+
+
+def test_a_family_that_no_longer_fits_the_layers_is_refused(calibrated_gpt2):
+    """Layers swapped behind nsn's back: a clear error, not ranks the layers lack."""
+    from nsn_cli.nested.surgery import replace_module
+
+    model, _ = load(calibrated_gpt2)
+    name, layer = next(iter(nested_layers(model).items()))
+    replace_module(model, name, NestedLinear.from_factors(layer.A[:2].detach(),
+                                                          layer.B[:, :2].detach(), None))
+    with pytest.raises(UsageError, match="does not match its nested layers"):
+        set_budget(model, 1.0, seq_len=SEQ_LEN)

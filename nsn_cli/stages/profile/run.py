@@ -28,7 +28,6 @@ from nsn_cli.stages.config import ProfileConfig
 from nsn_cli.project.data import load_task_data
 from nsn_cli.errors import BudgetError, ProjectError
 from nsn_cli.stages.evaluate import EvalResult, batches, evaluate, label_mapping
-from nsn_cli.stages.export import merge_layers
 from nsn_cli.stages.profile.measure import (activation_peak_bytes, active_weights, counted_flops_per_token,
                       round_robin_times)
 from nsn_cli.stages.profile.setup import (DTYPES, data_spec, reconvert, resolve_data, resvd, resolve_device,
@@ -37,6 +36,7 @@ from nsn_cli.project.manifest import read_manifest
 from nsn_cli.stages.profile.outputs import COLUMN_TYPES, MB, columns_for, run_record, write_outputs
 from nsn_cli.stages.profile.points import DEFAULT_BUDGETS, Point, ladder_points, plan_points
 from nsn_cli.nested.surgery import nested_layers
+from nsn_cli.nested.transforms import merge_layers
 
 # ---------------------------------------------------------------- measurements
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from tests.helpers import build_tiny, sample_ids
-from nsn_cli.nested.budget import ranks_for_fraction
+from nsn_cli.nested.settings import ranks_for_fraction
 from nsn_cli.stages.convert import convert_model
 from nsn_cli.errors import UsageError
 from nsn_cli.stages.finetune.objective import (DEFAULT_LADDER, RankWeights, distill_loss, ladder_settings,
