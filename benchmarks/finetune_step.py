@@ -38,7 +38,7 @@ def parse_args():
     parser = base_parser(__doc__.split("\n")[0], batch=4)
     parser.add_argument("--layers", type=int, default=12, help="transformer blocks (GPT-2: 12)")
     parser.add_argument("--ranks-per-step", type=int, default=2)
-    parser.add_argument("--precision", choices=("fp32", "bf16"), default="fp32")
+    parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
     return parser.parse_args()
 
 
@@ -50,7 +50,7 @@ def random_blocks(vocab: int, rows: int, seq_len: int) -> list[dict]:
 def trainer_for(model, ladder, ranks_per_step: int, args, rows: list[dict]) -> Trainer:
     cfg = FinetuneConfig(project=".", data="random", seq_len=args.seq_len, steps=10_000,
                          batch_size=args.batch, ranks_per_step=ranks_per_step,
-                         ladder=list(ladder), precision=args.precision, warmup=0.0)
+                         ladder=list(ladder), dtype=args.dtype, warmup=0.0)
     data = TaskData(rows, rows[:1])
     inputs = Inputs(model, None, "causal-lm", args.seq_len, data, list(ladder),
                     ladder_settings(model, list(ladder)), 0, {}, None, None)
@@ -87,7 +87,7 @@ def main():
     times = interleaved(candidates, repeats, warmup=1, device=args.device)
     ratios, secs = paired_ratios(times, "dense"), seconds(times)
     print(f"GPT-2 shape, {args.layers} layers, batch {args.batch} × {args.seq_len}, "
-          f"{args.precision}, {repeats} rounds, ladder {', '.join(f'{f:g}' for f in DEFAULT_LADDER)}")
+          f"{args.dtype}, {repeats} rounds, ladder {', '.join(f'{f:g}' for f in DEFAULT_LADDER)}")
     rows_out = [[name, f"{secs[name].median:.3f}", f"{ratios[name].median:.2f}",
                  f"{ratios[name].min:.2f}–{ratios[name].max:.2f}"] for name in candidates]
     print_table(["step", "seconds", "× dense", "range"], rows_out)

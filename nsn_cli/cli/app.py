@@ -1,4 +1,6 @@
-"""The `nsn` command: one short function per subcommand (flags → config → stage → summary).
+"""The `nsn` command: one short function per subcommand (config → stage → summary).
+
+Each command's flags are generated from its config dataclass (cli/options.py).
 
 torch and transformers are imported inside the commands, so `nsn --help` is instant.
 Known errors (NsnError) print as one line on stderr with a non-zero exit; any other
@@ -11,13 +13,14 @@ import functools
 import os
 import sys
 from pathlib import Path
-from typing import Optional
 
 import typer
 from typer.core import TyperGroup
 from typer.exceptions import Abort, TyperException
 
-from nsn_cli.stages.config import ConvertConfig, ExportConfig, FrontierConfig, ProfileConfig, help_for
+from nsn_cli.cli.options import options_from
+from nsn_cli.stages.config import (ConvertConfig, ExportConfig, FinetuneConfig, FrontierConfig,
+                                   InfoConfig, ProfileConfig, RunConfig, VerifyConfig)
 
 
 class OneLineUsageErrors(TyperGroup):
@@ -35,12 +38,26 @@ class OneLineUsageErrors(TyperGroup):
                 sys.exit(exc.exit_code)
             ctx = getattr(exc, "ctx", None)
             hint = f" (see `{ctx.command_path} --help`)" if ctx is not None else ""
-            typer.echo(f"nsn: error: {' '.join(exc.format_message().split())}{hint}", err=True)
+            message = " ".join(exc.format_message().split())
+            renamed = renamed_flag(ctx, getattr(exc, "option_name", None))
+            if renamed:
+                message = f"{exc.option_name} is now {renamed}"
+            typer.echo(f"nsn: error: {message}{hint}", err=True)
             sys.exit(exc.exit_code)
         except Abort:
             typer.echo("nsn: aborted", err=True)
             sys.exit(1)
         sys.exit(code if isinstance(code, int) else 0)
+
+
+def renamed_flag(ctx, flag: str | None) -> str | None:
+    """The new name of a flag an older nsn took (`finetune --precision` -> `--dtype`)."""
+    from nsn_cli.cli.recipe import RENAMED
+
+    if ctx is None or not flag:
+        return None
+    new = RENAMED.get((ctx.info_name, flag.lstrip("-").replace("-", "_")))
+    return "--" + new.replace("_", "-") if new else None
 
 
 app = typer.Typer(name="nsn", cls=OneLineUsageErrors, no_args_is_help=True,
@@ -86,89 +103,36 @@ def console(stderr: bool = False):
     return Console(stderr=stderr)
 
 
-def _h(cls, name):
-    return help_for(cls, name)
-
-
 @app.command()
 @friendly_errors
-def convert(
-    model: str = typer.Argument(..., help=_h(ConvertConfig, "model")),
-    out_dir: Path = typer.Argument(..., help=_h(ConvertConfig, "out_dir")),
-    task: Optional[str] = typer.Option(None, help=_h(ConvertConfig, "task")),
-    targets: str = typer.Option("all", help=_h(ConvertConfig, "targets")),
-    nest_head: bool = typer.Option(False, help=_h(ConvertConfig, "nest_head")),
-    max_rank: Optional[int] = typer.Option(None, help=_h(ConvertConfig, "max_rank")),
-    max_rank_fraction: Optional[float] = typer.Option(None, help=_h(ConvertConfig, "max_rank_fraction")),
-    svd: str = typer.Option("auto", help=_h(ConvertConfig, "svd")),
-    calib: Optional[str] = typer.Option(None, help=_h(ConvertConfig, "calib")),
-    calib_samples: int = typer.Option(128, help=_h(ConvertConfig, "calib_samples")),
-    calib_seq_len: int = typer.Option(128, help=_h(ConvertConfig, "calib_seq_len")),
-    allocation: str = typer.Option("auto", help=_h(ConvertConfig, "allocation")),
-    num_labels: Optional[int] = typer.Option(None, help=_h(ConvertConfig, "num_labels")),
-    revision: Optional[str] = typer.Option(None, help=_h(ConvertConfig, "revision")),
-    trust_remote_code: bool = typer.Option(False, help=_h(ConvertConfig, "trust_remote_code")),
-    force: bool = typer.Option(False, help=_h(ConvertConfig, "force")),
-    dry_run: bool = typer.Option(False, help=_h(ConvertConfig, "dry_run")),
-):
+@options_from(ConvertConfig, arguments=("model", "out_dir"))
+def convert(cfg: ConvertConfig):
     """SVD surgery: replace a model's linear layers with nested factors."""
-    from nsn_cli.cli import pipeline as stages
+    from nsn_cli.cli import pipeline
 
-    cfg = ConvertConfig(model=model, out_dir=str(out_dir), task=task, targets=targets,
-                        nest_head=nest_head,
-                        max_rank=max_rank, max_rank_fraction=max_rank_fraction, svd=svd,
-                        calib=calib, calib_samples=calib_samples, calib_seq_len=calib_seq_len,
-                        allocation=allocation,
-                        num_labels=num_labels, revision=revision,
-                        trust_remote_code=trust_remote_code, force=force, dry_run=dry_run)
-    stages.convert(cfg)
-
-
-def _f(name: str, **kwargs):
-    """A `nsn finetune` option whose default and help come from FinetuneConfig."""
-    from nsn_cli.stages.config import FinetuneConfig, default_of
-
-    default = default_of(FinetuneConfig, name)
-    if isinstance(default, list):  # given on the command line as comma-separated values
-        default = ",".join(f"{v:g}" for v in default)
-    return typer.Option(default, help=_h(FinetuneConfig, name), **kwargs)
+    pipeline.convert(cfg)
 
 
 @app.command()
 @friendly_errors
-def finetune(
-    project: Path = typer.Argument(..., help="Project directory (made by nsn convert)."),
-    data: str = _f("data"), text_column: str = _f("text_column"),
-    label_column: str = _f("label_column"), split: str = _f("split"),
-    eval_split: Optional[str] = _f("eval_split"), eval_fraction: float = _f("eval_fraction"),
-    max_samples: Optional[int] = _f("max_samples"), seq_len: Optional[int] = _f("seq_len"),
-    steps: int = _f("steps"), batch_size: int = _f("batch_size"),
-    grad_accum: int = _f("grad_accum"), lr: float = _f("lr"), scale_lr: float = _f("scale_lr"),
-    warmup: float = _f("warmup"), weight_decay: float = _f("weight_decay"),
-    clip: float = _f("clip"), precision: str = _f("precision"), seed: int = _f("seed"),
-    ladder: str = _f("ladder"),
-    ranks_per_step: int = _f("ranks_per_step"), objective: str = _f("objective"),
-    distill: bool = _f("distill"), eval_every: int = _f("eval_every"),
-    eval_samples: int = _f("eval_samples"), save_every: int = _f("save_every"),
-    keep_checkpoints: int = _f("keep_checkpoints"), resume: bool = _f("resume"),
-    device: str = _f("device"),
-):
+@options_from(FinetuneConfig, arguments=("project",))
+def finetune(cfg: FinetuneConfig):
     """Joint multi-rank training: every rank of the ladder gets good at once."""
-    flags = {**locals(), "project": str(project)}  # the parameters are FinetuneConfig's fields
-    from nsn_cli.cli import pipeline as stages
-    from nsn_cli.stages.config import FinetuneConfig
+    from nsn_cli.cli import pipeline
 
-    stages.finetune(FinetuneConfig(**flags))
+    pipeline.finetune(cfg)
 
 
 @app.command()
 @friendly_errors
-def info(project: Path = typer.Argument(..., help="Project directory.")):
+@options_from(InfoConfig, arguments=("project",))
+def info(cfg: InfoConfig):
     """What a project holds: model, task, nested layers, ranks, stages done."""
     from nsn_cli.cli.render.project import project_info
     from nsn_cli.project.integrity import fast_check
     from nsn_cli.project.manifest import MODEL_DIR, read_manifest
 
+    project = Path(cfg.project)
     manifest = read_manifest(project)
     fast_check(project, manifest, under=f"{MODEL_DIR}/")
     project_info(console(), project, manifest)
@@ -176,12 +140,14 @@ def info(project: Path = typer.Argument(..., help="Project directory.")):
 
 @app.command()
 @friendly_errors
-def verify(project: Path = typer.Argument(..., help="Project directory.")):
+@options_from(VerifyConfig, arguments=("project",))
+def verify(cfg: VerifyConfig):
     """Hash every recorded file against nsn.json and scan the weights for NaN/inf."""
     from rich.table import Table
 
     from nsn_cli.project.integrity import raise_on_problems, verify_project
 
+    project = Path(cfg.project)
     result = verify_project(project)
     table = Table(title=f"nsn verify {project}")
     for column in ("file", "bytes", "status"):
@@ -194,97 +160,54 @@ def verify(project: Path = typer.Argument(..., help="Project directory.")):
 
 @app.command()
 @friendly_errors
-def profile(
-    project: Path = typer.Argument(..., help=_h(ProfileConfig, "project")),
-    data: Optional[str] = typer.Option(None, help=_h(ProfileConfig, "data")),
-    text_column: Optional[str] = typer.Option(None, help=_h(ProfileConfig, "text_column")),
-    label_column: Optional[str] = typer.Option(None, help=_h(ProfileConfig, "label_column")),
-    split: Optional[str] = typer.Option(None, help=_h(ProfileConfig, "split")),
-    eval_split: Optional[str] = typer.Option(None, help=_h(ProfileConfig, "eval_split")),
-    eval_fraction: Optional[float] = typer.Option(None, help=_h(ProfileConfig, "eval_fraction")),
-    max_samples: Optional[int] = typer.Option(None, help=_h(ProfileConfig, "max_samples")),
-    seq_len: Optional[int] = typer.Option(None, help=_h(ProfileConfig, "seq_len")),
-    batch_size: int = typer.Option(8, help=_h(ProfileConfig, "batch_size")),
-    budgets: Optional[str] = typer.Option(None, help=_h(ProfileConfig, "budgets")),
-    rank_fractions: Optional[str] = typer.Option(None, help=_h(ProfileConfig, "rank_fractions")),
-    baseline: bool = typer.Option(False, help=_h(ProfileConfig, "baseline")),
-    repeats: int = typer.Option(5, help=_h(ProfileConfig, "repeats")),
-    warmup: int = typer.Option(2, help=_h(ProfileConfig, "warmup")),
-    device: str = typer.Option("auto", help=_h(ProfileConfig, "device")),
-    dtype: str = typer.Option("float32", help=_h(ProfileConfig, "dtype")),
-    threads: Optional[int] = typer.Option(None, help=_h(ProfileConfig, "threads")),
-):
+@options_from(ProfileConfig, arguments=("project",))
+def profile(cfg: ProfileConfig):
     """Measure metric, FLOPs, parameters, latency and memory at a grid of budgets."""
-    from nsn_cli.cli.render import curves as show
-    from nsn_cli.cli import pipeline as stages
+    from nsn_cli.cli import pipeline
 
-    cfg = ProfileConfig(project=str(project), data=data, text_column=text_column,
-                        label_column=label_column, split=split, eval_split=eval_split,
-                        eval_fraction=eval_fraction, max_samples=max_samples, seq_len=seq_len,
-                        batch_size=batch_size, budgets=show.parse_fractions(budgets, "--budgets"),
-                        rank_fractions=show.parse_fractions(rank_fractions, "--rank-fractions"),
-                        baseline=baseline, repeats=repeats, warmup=warmup, device=device,
-                        dtype=dtype, threads=threads)
-    stages.profile(cfg)
+    pipeline.profile(cfg)
 
 
 @app.command()
 @friendly_errors
-def frontier(
-    project: Path = typer.Argument(..., help=_h(FrontierConfig, "project")),
-    budget: Optional[float] = typer.Option(None, help=_h(FrontierConfig, "budget")),
-    plot: bool = typer.Option(False, help=_h(FrontierConfig, "plot")),
-    metric: Optional[str] = typer.Option(None, help=_h(FrontierConfig, "metric")),
-):
+@options_from(FrontierConfig, arguments=("project",))
+def frontier(cfg: FrontierConfig):
     """The Pareto-optimal settings of the profile; the best one within a budget; the plot."""
-    from nsn_cli.cli import pipeline as stages
+    from nsn_cli.cli import pipeline
 
-    stages.frontier(FrontierConfig(project=str(project), budget=budget, plot=plot, metric=metric))
+    pipeline.frontier(cfg)
 
 
 @app.command()
 @friendly_errors
-def export(
-    project: Path = typer.Argument(..., help=_h(ExportConfig, "project")),
-    dest: Path = typer.Argument(..., help=_h(ExportConfig, "dest")),
-    budget: Optional[float] = typer.Option(None, help=_h(ExportConfig, "budget")),
-    rank_fraction: Optional[float] = typer.Option(None, help=_h(ExportConfig, "rank_fraction")),
-    format: str = typer.Option("factored", help=_h(ExportConfig, "format")),
-    seq_len: Optional[int] = typer.Option(None, help=_h(ExportConfig, "seq_len")),
-    force: bool = typer.Option(False, help=_h(ExportConfig, "force")),
-):
+@options_from(ExportConfig, arguments=("project", "dest"))
+def export(cfg: ExportConfig):
     """Write a deployable model at one budget: factored (nsn) or merged (plain HF)."""
     from nsn_cli.cli.render import curves as show
     from nsn_cli.stages import export as stage
 
-    cfg = ExportConfig(project=str(project), dest=str(dest), budget=budget,
-                       rank_fraction=rank_fraction, format=format, seq_len=seq_len, force=force)
     show.print_export(console(), stage.export(cfg))
 
 
 @app.command()
 @friendly_errors
-def run(
-    recipe: Path = typer.Argument(..., help="Recipe file (TOML) naming the model, data and stages."),
-    project: Optional[Path] = typer.Argument(None, help="Project directory (default: "
-                                             "runs/<recipe name>)."),
-    set_: list[str] = typer.Option([], "--set", help="Override a recipe value, e.g. "
-                                   "--set finetune.steps=200 (repeatable)."),
-    force: bool = typer.Option(False, help="Replace PROJECT if it is not an nsn project."),
-):
+@options_from(RunConfig, arguments=("recipe", "project"))
+def run(cfg: RunConfig):
     """Run a recipe end to end: convert → finetune → profile → frontier (resumable)."""
-    from nsn_cli.cli.render import run as show
-    from nsn_cli.errors import UsageError
-    from nsn_cli.cli.recipe import check_model, load_recipe
-    from nsn_cli.cli.runner import run_recipe
-    from nsn_cli.project.safety import contained_path
     from nsn_cli.cli.pipeline import STAGE_FUNCTIONS
+    from nsn_cli.cli.recipe import check_model, load_recipe
+    from nsn_cli.cli.render import run as show
+    from nsn_cli.cli.runner import run_recipe
+    from nsn_cli.errors import UsageError
+    from nsn_cli.project.safety import contained_path
 
-    loaded = load_recipe(recipe, set_)
+    recipe = Path(cfg.recipe)
+    loaded = load_recipe(recipe, cfg.overrides)
     # The recipe's name picks the default directory: it must not lead out of runs/.
-    target = project or contained_path(Path("runs"), loaded.name, recipe, error=UsageError)
+    target = Path(cfg.project) if cfg.project else contained_path(
+        Path("runs"), loaded.name, recipe, error=UsageError)
     check_model(loaded)  # a missing model fails before any work starts
-    result = run_recipe(loaded, target, STAGE_FUNCTIONS, force=force,
+    result = run_recipe(loaded, target, STAGE_FUNCTIONS, force=cfg.force,
                         on_stage=show.stage_banner(console(stderr=True)))
     show.run_summary(console(), result)
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import re
 import tomllib
+import types
 import typing
 from dataclasses import MISSING, dataclass, fields
 from pathlib import Path
@@ -31,6 +32,8 @@ STAGES = ("convert", "finetune", "profile", "frontier")
 TOP_LEVEL = {"name": str, "description": str, "model": str, "task": str, "data": str}
 # Filled in by `nsn run` itself, never by a recipe.
 RUNNER_KEYS = {"out_dir", "project", "force", "dry_run", "resume"}
+# Keys (and flags) an older nsn took, and what they are called now.
+RENAMED = {("finetune", "precision"): "dtype", ("profile", "warmup"): "warmup_passes"}
 # Top-level keys and the stage fields they feed.
 SHARED = {"model": [("convert", "model")], "task": [("convert", "task")],
           "data": [("finetune", "data"), ("profile", "data")]}
@@ -67,24 +70,43 @@ def fail(path: Path, text: str, table: str | None, key: str, message: str):
     raise UsageError(f"{where}: {label}: {message}")
 
 
-def type_ok(value, annotation: str) -> bool:
-    """Does a TOML value fit a dataclass field annotation such as 'int | None'?"""
-    allowed = {part.strip() for part in annotation.split("|")}
-    checks = {"int": lambda v: isinstance(v, int) and not isinstance(v, bool),
-              "float": lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),
-              "str": lambda v: isinstance(v, str), "bool": lambda v: isinstance(v, bool),
-              "None": lambda v: False}
-    for kind in allowed:
-        base = kind.split("[", 1)[0]
-        if base in ("list", "tuple") and isinstance(value, list):
-            return True
-        if base in checks and checks[base](value):
-            return True
-    return False
+def type_ok(value, hint) -> bool:
+    """Does a TOML value fit a config field's type (int | None, list[float] | str, ...)?
+    A `Literal` field takes any string here; `choice_error` checks which."""
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        return any(type_ok(value, part) for part in typing.get_args(hint))
+    if typing.get_origin(hint) is typing.Literal:
+        return isinstance(value, str)
+    if typing.get_origin(hint) in (list, tuple):
+        return isinstance(value, list)
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return hint in (str, bool) and isinstance(value, hint)
 
 
-def stage_fields(stage: str) -> dict[str, str]:
-    return {f.name: str(f.type) for f in fields(STAGE_CONFIGS[stage])}
+def choices(hint) -> tuple:
+    """The values a `Literal[...]` field (or `Literal[...] | None`) allows; () if open."""
+    if typing.get_origin(hint) is typing.Literal:
+        return typing.get_args(hint)
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        return tuple(value for part in typing.get_args(hint) for value in choices(part))
+    return ()
+
+
+def shown_type(hint) -> str:
+    """'int | None' rather than 'typing.Optional[int]'."""
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        return " | ".join(shown_type(part) for part in typing.get_args(hint))
+    if typing.get_origin(hint) is typing.Literal:
+        return "str"
+    return "None" if hint is type(None) else getattr(hint, "__name__", str(hint))
+
+
+def stage_fields(stage: str) -> dict:
+    """field name -> its type (real types, so Literal choices can be checked)."""
+    return typing.get_type_hints(STAGE_CONFIGS[stage])
 
 
 def parse(path: Path, text: str) -> dict:
@@ -141,12 +163,18 @@ def resolve(path: Path, text: str, raw: dict) -> dict[str, dict]:
         table = raw.get(stage, {})
         known = stage_fields(stage)
         for key, value in table.items():
+            if (stage, key) in RENAMED:
+                fail(path, text, stage, key, f"renamed to {RENAMED[stage, key]} "
+                     f"(see `nsn {stage} --help`)")
             if key not in known or key in RUNNER_KEYS:
                 fail(path, text, stage, key, f"unknown key for {stage} "
                      f"(see `nsn {stage} --help`)")
             if not type_ok(value, known[key]):
                 fail(path, text, stage, key, f"wrong type {type(value).__name__}, "
-                     f"expected {known[key]}")
+                     f"expected {shown_type(known[key])}")
+            allowed = choices(known[key])
+            if allowed and isinstance(value, str) and value not in allowed:
+                fail(path, text, stage, key, f"{value!r} is not one of {', '.join(allowed)}")
             stages[stage][key] = value
     if not stages.get("convert", {}).get("model"):
         fail(path, text, None, "model", "missing: a recipe must name its model")

@@ -1,27 +1,43 @@
-"""One dataclass per stage. Field docs are the single source of help text.
+"""One dataclass per command. Field docs are the single source of help text.
 
-The CLI builds its options from these fields (see `help_for`), recipes validate their
-keys against them, and each stage records its resolved config in `nsn.json`.
-Only the standard library is imported here, so `nsn --help` stays instant.
+The CLI generates each command's options from these fields (cli/options.py: default,
+help, and the choices of a `Literal` type), recipes validate their keys against them,
+and each stage records its resolved config in `nsn.json` (plain strings and numbers).
+Only the standard library and project/data.py's constants are imported here, so
+`nsn --help` stays instant.
 """
 
 from __future__ import annotations
 
-from dataclasses import MISSING, asdict, dataclass, field, fields
+import typing
+from dataclasses import MISSING, asdict, dataclass, field, fields, make_dataclass
+from typing import Literal, Optional
+
+from nsn_cli.project.data import ALIASES, BUILDERS, DataSpec
+
+Task = Literal["causal-lm", "seq-cls"]
+# Any torch device works; --help lists the usual ones (a device is not a closed choice).
+DEVICES = "[auto|cpu|cuda|cuda:N]"
 
 
-def opt(default, help: str, **extra):
-    """A config field with its help text attached."""
+def opt(default, help: str, unset: str | None = None, **extra):
+    """A config field with its help text attached; `unset` says what None means."""
+    text = help
+    if unset:  # "Held-out split." -> "Held-out split (default: ...)."
+        stem, dot = (help[:-1], ".") if help.endswith(".") else (help, "")
+        text = f"{stem} (default: {unset}){dot}"
+    metadata = {"help": text, "about": help, "unset": unset, **extra}
     if isinstance(default, (list, dict)):
-        return field(default_factory=lambda d=default: type(d)(d), metadata={"help": help, **extra})
-    return field(default=default, metadata={"help": help, **extra})
+        return field(default_factory=lambda d=default: type(d)(d), metadata=metadata)
+    return field(default=default, metadata=metadata)
 
 
 @dataclass
 class ConvertConfig:
-    model: str = opt(None, "Hub id (e.g. gpt2) or local directory of the pretrained model.")
+    model: str = opt(None, "Hub id (e.g. gpt2) or local directory of the pretrained model.",
+                     path=False)  # taken as typed: './gpt2' is a directory, 'gpt2' a hub id
     out_dir: str = opt(None, "Project directory to create.")
-    task: str | None = opt(None, "causal-lm or seq-cls; guessed from the model when omitted.")
+    task: Task | None = opt(None, "The task; guessed from the model when omitted.")
     targets: str = opt("all", "Layers to nest: all (every linear in the blocks), attn, mlp, "
                               "or a regex on module names.")
     nest_head: bool = opt(False, "Nest the LM head too; a head tied to the input embedding "
@@ -30,12 +46,14 @@ class ConvertConfig:
                                  "of FLOPs, such as GPT-2.")
     max_rank: int | None = opt(None, "Cap on R, the largest rank kept per layer.")
     max_rank_fraction: float | None = opt(None, "Cap on R as a fraction of min(d_in, d_out).")
-    svd: str = opt("auto", "SVD method: auto, exact or randomized.")
+    svd: Literal["auto", "exact", "randomized"] = opt(
+        "auto", "SVD method (auto: randomized when few components are kept of a large layer).")
     calib: str | None = opt(None, "Calibration data (anything --data takes): factor each layer "
                                   "by activation-aware SVD on its real inputs.")
     calib_samples: int = opt(128, "Rows (or LM blocks) of the calibration data to use.")
     calib_seq_len: int = opt(128, "Tokens per calibration row or LM block.")
-    allocation: str = opt("auto", "Rank allocation across layers: uniform (the same fraction "
+    allocation: Literal["auto", "uniform", "global"] = opt(
+        "auto", "Rank allocation across layers: uniform (the same fraction "
                                   "of R everywhere), global (one nested ordering of all "
                                   "components by output energy per FLOP, weighted by measured "
                                   "layer sensitivity), or auto: global with --calib, else "
@@ -48,35 +66,79 @@ class ConvertConfig:
 
 
 @dataclass
-class ProfileConfig:
-    project: str = opt(None, "Project directory.")
-    data: str | None = opt(None, "Evaluation data (anything finetune's --data takes); default: "
-                                 "the data the project was finetuned on.")
-    text_column: str | None = opt(None, "Text column (default: finetune's, else 'text').")
-    label_column: str | None = opt(None, "Label column for seq-cls (default: finetune's, "
-                                         "else 'label').")
-    split: str | None = opt(None, "Split the held-out part is carved from when the data has "
-                                  "no evaluation split (default: finetune's, else 'train').")
-    eval_split: str | None = opt(None, "Held-out split to measure on (default: finetune's, "
-                                       "else validation/valid/test if present).")
-    eval_fraction: float | None = opt(None, "Fraction held out when there is no evaluation "
-                                            "split (default: finetune's, else 0.1).")
-    max_samples: int | None = opt(None, "Use at most this many held-out rows (LM: blocks).")
+class DataOptions:
+    """Which data, which rows of it and how long a row is: the data flags of finetune, and
+    of profile, where each is unset by default, meaning "what finetune used" (see
+    `inherited_from_finetune`). The defaults are DataSpec's (project/data.py)."""
+
+    data: str | None = opt(None, f"Training data: a hub dataset name (aliases: {', '.join(ALIASES)}), "
+                                 f"a local {'/'.join(BUILDERS)} file, or a directory of such "
+                                 "files.")
+    text_column: str = opt(DataSpec.text_column, "Column holding the text.")
+    label_column: str = opt(DataSpec.label_column, "Column holding the class (seq-cls); '' "
+                                                   "ignores a label column in causal-LM data.")
+    split: str = opt(DataSpec.split, "Split to train on.")
+    eval_split: str | None = opt(None, "Held-out split.", unset="validation/valid/test if the "
+                                 "data has one, else --eval-fraction carved from --split")
+    eval_fraction: float = opt(DataSpec.eval_fraction, "Fraction held out (with --seed) when "
+                                                       "there is no evaluation split.")
+    max_samples: int | None = opt(None, "Use at most this many rows of each split.")
     seq_len: int | None = opt(None, "Tokens per LM block / max tokens per row; FLOPs are per "
-                                    "token at this length (default: finetune's, else 128).")
+                                    "token at this length.",
+                              unset="the model's context, at most 256")
+
+    def data_spec(self, seed: int) -> DataSpec:
+        """The loader's view of these options (an unset one takes DataSpec's default)."""
+        names = [f.name for f in fields(DataSpec) if f.name != "seed"]
+        chosen = {n: getattr(self, n) for n in names if getattr(self, n) is not None}
+        return DataSpec(**chosen, seed=seed)
+
+
+def inherited_from_finetune(options, about: dict[str, str], unset: dict[str, str]):
+    """`options`' fields, each defaulting to None: "the value the finetune stage used",
+    else the field's own default (or `unset[name]`). `about` rewords a field whose
+    meaning differs in the inheriting stage."""
+    hints = typing.get_type_hints(options)
+    specs = []
+    for f in fields(options):
+        fallback = unset.get(f.name) or f.metadata["unset"] or (
+            None if f.default is None else repr(f.default))
+        specs.append((f.name, Optional[hints[f.name]],
+                      opt(None, about.get(f.name, f.metadata["about"]),
+                          unset="finetune's" + (f", else {fallback}" if fallback else ""))))
+    cls = make_dataclass(f"Inherited{options.__name__}", specs, bases=(options,))
+    cls.__module__ = __name__
+    return cls
+
+
+ProfileData = inherited_from_finetune(
+    DataOptions, unset={"seq_len": "the model's context, at most 128"},
+    about={"data": "Evaluation data (anything finetune's --data takes).",
+           "split": "Split the held-out part is carved from when the data has no "
+                    "evaluation split.",
+           "eval_split": "Held-out split to measure on.",
+           "eval_fraction": "Fraction held out when there is no evaluation split.",
+           "max_samples": "Use at most this many held-out rows."})
+
+
+@dataclass
+class ProfileConfig(ProfileData):
+    project: str = opt(None, "Project directory.")
     batch_size: int = opt(8, "Rows (LM: blocks) per batch, for the metric and the latency.")
     budgets: list[float] | None = opt(None, "FLOPs budgets to measure, as fractions of the "
-                                            "dense model (default: 12 points from 0.05 to 1).")
+                                            "dense model.", unset="12 points from 0.05 to 1")
     rank_fractions: list[float] | None = opt(None, "Measure these fractions of R in every "
                                                    "layer instead of --budgets.")
     baseline: bool = opt(False, "Also measure untrained truncated SVD at the same settings "
                                 "(re-converts the source model, which must be reachable).")
     repeats: int = opt(5, "Timed forward passes per point (the median is reported).")
-    warmup: int = opt(2, "Untimed forward passes before timing each point.")
-    device: str = opt("auto", "cpu, cuda, cuda:N or auto (cuda when available).")
-    dtype: str = opt("float32", "float32, bfloat16 or float16.")
-    threads: int | None = opt(None, "CPU threads to measure with (default: torch's choice); "
-                                    "latency ratios depend on it, so use what you deploy with.")
+    warmup_passes: int = opt(2, "Untimed forward passes before timing each point.")
+    device: str = opt("auto", "Device to measure on (auto: cuda when available).",
+                      metavar=DEVICES)
+    dtype: Literal["float32", "bfloat16", "float16"] = opt(
+        "float32", "Dtype of the weights and activations measured.")
+    threads: int | None = opt(None, "CPU threads to measure with; latency ratios depend on "
+                                    "it, so use what you deploy with.", unset="torch's choice")
 
 
 @dataclass
@@ -95,7 +157,7 @@ class ExportConfig:
     dest: str = opt(None, "Directory to write the exported model to.")
     budget: float | None = opt(None, "FLOPs budget as a fraction of the dense model.")
     rank_fraction: float | None = opt(None, "Fraction of R in every layer (instead of --budget).")
-    format: str = opt("factored", "factored (nsn project holding only the first r components; "
+    format: Literal["factored", "merged"] = opt("factored", "factored (nsn project holding only the first r components; "
                                   "load with nsn_cli.load) or merged (plain HF model, dense "
                                   "B_r A_r; loads with from_pretrained).")
     seq_len: int | None = opt(None, "Sequence length the budget's FLOPs are counted at "
@@ -104,22 +166,8 @@ class ExportConfig:
 
 
 @dataclass
-class FinetuneConfig:
+class FinetuneConfig(DataOptions):
     project: str = opt(None, "Project directory (made by nsn convert).")
-    data: str = opt(None, "Training data: a hub dataset name (aliases: wikitext, sst2, imdb, "
-                          "ag_news, tinystories), a local .txt/.jsonl/.json/.csv/.parquet file, "
-                          "or a directory of such files.")
-    text_column: str = opt("text", "Column holding the text.")
-    label_column: str = opt("label", "Column holding the class (seq-cls); '' ignores a label "
-                                     "column in causal-LM data.")
-    split: str = opt("train", "Split to train on.")
-    eval_split: str | None = opt(None, "Held-out split (default: validation/valid/test if the "
-                                       "data has one, else --eval-fraction carved from --split).")
-    eval_fraction: float = opt(0.1, "Fraction held out (with --seed) when there is no "
-                                    "evaluation split.")
-    max_samples: int | None = opt(None, "Use at most this many rows of each split.")
-    seq_len: int | None = opt(None, "Tokens per LM block / max tokens per row (default: the "
-                                    "model's context, at most 256).")
     steps: int = opt(200, "Optimizer steps.")
     batch_size: int = opt(8, "Rows (LM: blocks) per micro-batch, over all processes together.")
     grad_accum: int = opt(1, "Micro-batches per optimizer step.")
@@ -129,18 +177,20 @@ class FinetuneConfig:
                               "cosine decay to a tenth).")
     weight_decay: float = opt(0.01, "AdamW weight decay (matrices only).")
     clip: float = opt(1.0, "Clip the gradient norm to this (0: no clipping).")
-    precision: str = opt("fp32", "fp32, or bf16 (autocast; weights stay fp32).")
+    dtype: Literal["float32", "bfloat16"] = opt(
+        "float32", "Compute dtype: bfloat16 autocasts the forward pass (weights stay float32).")
     seed: int = opt(0, "Seed of the data order, the rank draws, dropout and a new head.")
     ladder: list[float] | str = opt([0.0625, 0.125, 0.25, 0.5, 1.0],
                                     "Trainable rank fractions (comma-separated); the largest is "
                                     "trained at every step.")
     ranks_per_step: int = opt(2, "Ranks trained per step: the top one plus this minus one "
                                  "drawn from the rest of the ladder.")
-    objective: str = opt("uncertainty", "uncertainty (learned weights exp(-s_k)) or uniform "
-                                        "(plain average over the ranks of a step).")
+    objective: Literal["uncertainty", "uniform"] = opt(
+        "uncertainty", "How the ranks of a step are combined: uncertainty (learned weights "
+                       "exp(-s_k)) or uniform (plain average).")
     distill: bool = opt(True, "Lower ranks also match the top rank's output distribution "
                               "(KL to its detached logits); on by default, as measured in "
-                              "benchmarks/finetune_objectives.py (see the README).")
+                              "benchmarks/finetune_objectives.py (see docs/finetune.md).")
     eval_every: int = opt(50, "Evaluate on the held-out split every N steps (0: only before "
                               "and after training).")
     eval_samples: int = opt(256, "Held-out rows (LM: blocks) used by each evaluation.")
@@ -148,7 +198,30 @@ class FinetuneConfig:
     keep_checkpoints: int = opt(2, "Checkpoints kept in DIR/finetune/checkpoints.")
     resume: bool = opt(False, "Continue from the newest complete checkpoint (a fresh start when "
                               "there is none); without it a new run replaces DIR/finetune/.")
-    device: str = opt("auto", "cpu, cuda, cuda:N or auto (cuda when available).")
+    device: str = opt("auto", "Device to train on (auto: cuda when available).",
+                      metavar=DEVICES)
+
+
+# ---------------------------------------------------------------- commands with no stage
+
+@dataclass
+class InfoConfig:
+    project: str = opt(None, "Project directory.")
+
+
+@dataclass
+class VerifyConfig:
+    project: str = opt(None, "Project directory.")
+
+
+@dataclass
+class RunConfig:
+    recipe: str = opt(None, "Recipe file (TOML) naming the model, data and stages.")
+    project: str | None = opt(None, "Project directory.", unset="runs/<recipe name>",
+                              required=False)
+    overrides: list[str] = opt([], "Override a recipe value, e.g. --set finetune.steps=200 "
+                                   "(repeatable).", flags=("--set",))
+    force: bool = opt(False, "Replace PROJECT if it is not an nsn project.")
 
 
 STAGE_CONFIGS = {"convert": ConvertConfig, "finetune": FinetuneConfig}

@@ -35,7 +35,7 @@ save_every = 2
 [profile]
 batch_size = 8
 repeats = 1
-warmup = 0
+warmup_passes = 0
 budgets = [0.7, 0.85, 1.0]
 [frontier]
 plot = true

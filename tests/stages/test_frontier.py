@@ -87,7 +87,7 @@ def profiled(converted, tmp_path_factory):
     record_stage(project, "finetune", {"data": str(TINY_TEXT), "seq_len": 32,
                                        "ladder": "0.25,0.5,1"}, [], {})
     profile(ProfileConfig(project=str(project), budgets=[0.4, 0.5, 0.6, 0.8, 1.0],
-                          baseline=True, batch_size=4, repeats=1, warmup=0))
+                          baseline=True, batch_size=4, repeats=1, warmup_passes=0))
     return project
 
 

@@ -15,7 +15,7 @@ from torch import nn
 
 from nsn_cli.project import checkpoint as ckpt
 from nsn_cli.stages.config import FinetuneConfig, to_dict
-from nsn_cli.project.data import DataSpec, TaskData, load_task_data
+from nsn_cli.project.data import TaskData, load_task_data
 from nsn_cli.stages.finetune.distributed import Dist
 from nsn_cli.errors import DataError, ModelError, UsageError
 from nsn_cli.nested.layer import NestedLinear
@@ -24,7 +24,7 @@ from nsn_cli.project.manifest import MODEL_DIR, read_manifest
 
 FINETUNE_DIR = "finetune"
 CHECKPOINTS = "checkpoints"  # under DIR/finetune/
-PRECISIONS = ("fp32", "bf16")
+DTYPES = ("float32", "bfloat16")
 DEFAULT_MAX_SEQ_LEN = 256
 # Flags that may change between a run and its resume without changing what is trained.
 RESUME_FREE = {"project", "resume", "eval_every", "eval_samples", "save_every",
@@ -80,9 +80,8 @@ def validate(cfg: FinetuneConfig) -> list[float]:
         raise UsageError(f"--max-samples must be at least 1, got {cfg.max_samples}")
     if cfg.seq_len is not None and cfg.seq_len < 2:
         raise UsageError(f"--seq-len must be at least 2, got {cfg.seq_len}")
-    if cfg.precision not in PRECISIONS:
-        raise UsageError(f"--precision must be one of {', '.join(PRECISIONS)}, "
-                         f"got {cfg.precision!r}")
+    if cfg.dtype not in DTYPES:
+        raise UsageError(f"--dtype must be one of {', '.join(DTYPES)}, got {cfg.dtype!r}")
     if cfg.objective not in OBJECTIVES:
         raise UsageError(f"--objective must be one of {', '.join(OBJECTIVES)}, "
                          f"got {cfg.objective!r}")
@@ -104,8 +103,7 @@ def load_inputs(cfg: FinetuneConfig, ladder: list[float], dist: Dist) -> Inputs:
     model, tokenizer = load_model(project, manifest, checkpoint)
     task = manifest["task"]
     seq_len = resolve_seq_len(cfg.seq_len, model.config)
-    spec = DataSpec(cfg.data, cfg.text_column, cfg.label_column, cfg.split, cfg.eval_split,
-                    cfg.eval_fraction, cfg.seed, cfg.max_samples)
+    spec = cfg.data_spec(cfg.seed)
     data = load_task_data(spec, tokenizer, task, seq_len,
                           vocab_size=model.get_input_embeddings().num_embeddings)
     if cfg.batch_size % dist.world:

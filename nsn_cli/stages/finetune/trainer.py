@@ -2,7 +2,7 @@
 
 `Trainer.train_step` trains the top ladder point plus sampled lower ones on one global
 batch, with the objective of `objective.py` (AdamW, warmup + cosine, clipping,
-accumulation, fp32 or bf16 autocast). The stage around it (logs, checkpoints, the
+accumulation, float32 or bfloat16 autocast). The stage around it (logs, checkpoints, the
 final model) is `stage.py`.
 
 Everything a step does is a function of (seed, step): the rows it reads, the ladder
@@ -175,7 +175,7 @@ class Trainer:
         return lr
 
     def autocast(self):
-        if self.cfg.precision == "bf16":
+        if self.cfg.dtype == "bfloat16":
             return torch.autocast(self.dist.device.type, dtype=torch.bfloat16)
         return contextlib.nullcontext()
 

@@ -37,7 +37,7 @@ def run_record(cfg: ProfileConfig, device, bench, points: int,
             "seq_len": cfg.seq_len, "samples": bench.eval_result.samples,
             "tokens": bench.eval_result.tokens, "data": cfg.data, "task": bench.task,
             "timing_batch_tokens": int(bench.timing_batch["input_ids"].numel()),
-            "repeats": cfg.repeats, "warmup": cfg.warmup, "threads": torch.get_num_threads(),
+            "repeats": cfg.repeats, "warmup_passes": cfg.warmup_passes, "threads": torch.get_num_threads(),
             "torch": torch.__version__, "points": points, "skipped": len(skipped),
             "dense_flops_per_token": bench.dense_flops, "dense_latency_ms": bench.dense_latency}
 

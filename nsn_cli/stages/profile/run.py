@@ -30,7 +30,7 @@ from nsn_cli.errors import BudgetError, ProjectError
 from nsn_cli.stages.evaluate import EvalResult, batches, evaluate, label_mapping
 from nsn_cli.stages.profile.measure import (activation_peak_bytes, active_weights, counted_flops_per_token,
                       round_robin_times)
-from nsn_cli.stages.profile.setup import (DTYPES, data_spec, reconvert, resolve_data, resvd, resolve_device,
+from nsn_cli.stages.profile.setup import (DTYPES, reconvert, resolve_data, resvd, resolve_device,
                             resolve_seq_len, timing_batch, validate)
 from nsn_cli.project.manifest import read_manifest
 from nsn_cli.stages.profile.outputs import COLUMN_TYPES, MB, columns_for, run_record, write_outputs
@@ -114,7 +114,7 @@ def make_bench(cfg: ProfileConfig, model: nn.Module, data, tokenizer, task: str,
     return Bench(task, cfg.seq_len, batches(data.eval, cfg.batch_size, pad_id, device),
                  timing_batch(data.eval, cfg.batch_size, cfg.seq_len, pad_id, device),
                  label_mapping(model, data.labels) if task == "seq-cls" else None,
-                 cfg.warmup, cfg.repeats)
+                 cfg.warmup_passes, cfg.repeats)
 
 
 def measure_dense(model: nn.Module, bench: Bench) -> tuple[nn.Module, dict]:
@@ -199,7 +199,7 @@ def profile_locked(cfg: ProfileConfig, seed: int, project: Path, manifest: dict,
     budgets = None if cfg.rank_fractions else list(cfg.budgets or DEFAULT_BUDGETS)
     cfg = replace(cfg, seq_len=resolve_seq_len(cfg, model), budgets=budgets)
     task = manifest["task"]
-    data = load_task_data(data_spec(cfg, seed), tokenizer, task, cfg.seq_len,
+    data = load_task_data(cfg.data_spec(seed), tokenizer, task, cfg.seq_len,
                           vocab_size=model.get_input_embeddings().num_embeddings)
     bench = make_bench(cfg, model, data, tokenizer, task, device)
     points, skipped = plan_points(model, "nsn", budgets, cfg.rank_fractions, cfg.seq_len)

@@ -11,14 +11,13 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from nsn_cli.stages.config import ConvertConfig, ProfileConfig
-from nsn_cli.project.data import DataSpec, pad_batch
+from nsn_cli.stages.config import ConvertConfig, DataOptions, ProfileConfig
+from nsn_cli.project.data import pad_batch
 from nsn_cli.errors import ModelError, ProjectError, UsageError
 
 DEFAULT_SEQ_LEN = 128
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-DATA_FIELDS = ("data", "text_column", "label_column", "split", "eval_split", "eval_fraction",
-               "max_samples", "seq_len")
+DATA_FIELDS = tuple(f.name for f in fields(DataOptions))
 
 
 # ---------------------------------------------------------------- resolving the run
@@ -32,7 +31,7 @@ def validate(cfg: ProfileConfig) -> None:
             if not 0 < value <= 1:
                 raise UsageError(f"{flag} values must be in (0, 1], got {value}")
     for flag, value, low in (("--batch-size", cfg.batch_size, 1), ("--repeats", cfg.repeats, 1),
-                             ("--warmup", cfg.warmup, 0), ("--seq-len", cfg.seq_len, 2),
+                             ("--warmup-passes", cfg.warmup_passes, 0), ("--seq-len", cfg.seq_len, 2),
                              ("--max-samples", cfg.max_samples, 1), ("--threads", cfg.threads, 1)):
         if value is not None and value < low:
             raise UsageError(f"{flag} must be at least {low}, got {value}")
@@ -86,13 +85,6 @@ def resolve_seq_len(cfg: ProfileConfig, model: nn.Module) -> int:
     if limit is not None and cfg.seq_len > limit:
         raise UsageError(f"--seq-len {cfg.seq_len} exceeds the model's context of {limit} tokens")
     return cfg.seq_len
-
-
-def data_spec(cfg: ProfileConfig, seed: int) -> DataSpec:
-    defaults = {f.name: f.default for f in fields(DataSpec)}
-    chosen = {name: getattr(cfg, name) for name in DATA_FIELDS if name != "seq_len"}
-    return DataSpec(**{k: v if v is not None else defaults[k] for k, v in chosen.items()},
-                    seed=seed)
 
 
 def timing_batch(dataset, batch_size: int, seq_len: int, pad_id: int, device) -> dict:

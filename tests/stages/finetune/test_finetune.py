@@ -228,7 +228,7 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(lm_project, monkeypat
     ("seq_len", "beyond the model's context of 128"),
     ("not_converted", "not an nsn project"),
     ("bad_ladder", "--ladder"),
-    ("bad_precision", "--precision"),
+    ("bad_dtype", "--dtype"),
     ("batch_too_small", "--batch-size"),
 ])
 def test_bad_input_is_one_line_and_changes_nothing(lm_project, tmp_path, case, needle):
@@ -251,8 +251,8 @@ def test_bad_input_is_one_line_and_changes_nothing(lm_project, tmp_path, case, n
         project = str(plain)
     elif case == "bad_ladder":
         extra = ["--ladder", "0,1"]
-    elif case == "bad_precision":
-        extra = ["--precision", "fp8"]
+    elif case == "bad_dtype":
+        extra = ["--dtype", "fp8"]
     elif case == "batch_too_small":
         extra = ["--batch-size", "0"]
     before = snapshot(tmp_path)
@@ -267,7 +267,7 @@ def test_bad_input_is_one_line_and_changes_nothing(lm_project, tmp_path, case, n
 # ---------------------------------------------------------------- objective switches
 
 def test_distill_and_bf16(lm_project):
-    result = run(lm_project, steps=3, precision="bf16")  # distill is on by default
+    result = run(lm_project, steps=3, dtype="bfloat16")  # distill is on by default
     for report in result.history:
         top, low = sorted(report.distill, reverse=True)
         assert report.distill[top] == 0.0 and report.distill[low] > 0.0

@@ -23,7 +23,7 @@ from nsn_cli.project.files import folder_records, sha256_file
 from nsn_cli.nested.surgery import nested_layers
 
 LABELS = DATA / "tiny_labels.jsonl"
-FAST = {"seq_len": 32, "batch_size": 4, "repeats": 1, "warmup": 0}
+FAST = {"seq_len": 32, "batch_size": 4, "repeats": 1, "warmup_passes": 0}
 
 
 def copy_project(converted, family, tmp_path):
@@ -274,7 +274,7 @@ def test_bad_input_is_one_clear_error_and_writes_nothing(flags, match, converted
 def test_profile_cli(converted, tmp_path):
     project = copy_project(converted, "gpt2", tmp_path)
     args = ["profile", str(project), "--data", str(TINY_TEXT), "--seq-len", "32",
-            "--batch-size", "4", "--repeats", "1", "--warmup", "0", "--threads", "2",
+            "--batch-size", "4", "--repeats", "1", "--warmup-passes", "0", "--threads", "2",
             "--budgets", "0.5,1"]
     result = runner.invoke(app, args)
     assert result.exit_code == 0, result.output
