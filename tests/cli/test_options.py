@@ -112,6 +112,16 @@ def test_one_idea_one_flag():
     assert "precision" not in {f.name for f in fields(FinetuneConfig)}
 
 
+@pytest.mark.parametrize("argv,line", [
+    (["finetune", "p", "--precision", "bf16"], "--precision is now --dtype"),
+    (["profile", "p", "--warmup", "1"], "--warmup is now --warmup-passes"),
+])
+def test_an_old_flag_names_the_new_one(argv, line):
+    out = runner.invoke(app, argv)
+    assert out.exit_code == 2 and out.stderr.strip().splitlines() == [
+        f"nsn: error: {line} (see `nsn {argv[0]} --help`)"]
+
+
 def test_the_command_gets_plain_strings_and_parsed_lists():
     seen = []
     probe = typer.Typer()

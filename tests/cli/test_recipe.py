@@ -43,6 +43,11 @@ def test_top_level_keys_feed_stages(tmp_path):
     ('model = "m"\ncolour = 1\n', "r.toml:2: colour: unknown key"),
     ('model = "m"\n[bogus]\nx = 1\n', "unknown stage table [bogus]"),
     ('model = = "m"\n', "not valid TOML"),
+    ('model = "m"\n[finetune]\nprecision = "bf16"\n', "r.toml:3: finetune.precision: renamed to dtype"),
+    ('model = "m"\n[profile]\nwarmup = 1\n', "r.toml:3: profile.warmup: renamed to warmup_passes"),
+    ('model = "m"\n[convert]\nsvd = "fast"\n', "convert.svd: 'fast' is not one of auto, exact, "
+                                               "randomized"),
+    ('model = "m"\n[finetune]\ndtype = "bf16"\n', "finetune.dtype: 'bf16' is not one of"),
 ])
 def test_broken_recipes_name_file_line_and_key(tmp_path, text, needle):
     with pytest.raises(UsageError) as info:
