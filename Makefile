@@ -22,7 +22,7 @@ install: $(STAMP)
 demo: $(STAMP)
 	HF_HUB_OFFLINE=1 $(VENV)/bin/nsn run recipes/demo.toml demo-out
 
-# Regenerate the README's demo figure and table from a fresh `make demo`.
+# Regenerate the demo figure (README, docs/demo.md) and table (docs/demo.md) from a fresh `make demo`.
 readme-demo: demo
 	$(PY) scripts/readme_demo.py demo-out
 

@@ -1,7 +1,9 @@
-"""Copy the demo's frontier plot into docs/ and its frontier table into README.md.
+"""Copy the demo's frontier plot into docs/ (the README shows it) and its table of every
+measured point into docs/demo.md.
 
-Run by `make readme-demo` after `make demo`; the README's demo figures are never edited
-by hand. The table goes between the `<!-- demo:start -->` / `<!-- demo:end -->` markers.
+Run by `make readme-demo` after `make demo`; the demo's figure and table are never edited
+by hand. The table goes between the `<!-- demo:start -->` / `<!-- demo:end -->` markers
+of docs/demo.md.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import pandas as pd
 
 ROOT = Path(__file__).resolve().parent.parent
 START, END = "<!-- demo:start -->", "<!-- demo:end -->"
+FIGURE = "demo-frontier.png"  # in docs/
 COLUMNS = {"variant": "variant", "flops_fraction": "FLOPs (× dense)", "accuracy": "accuracy",
            "macro_f1": "macro-F1", "latency_ratio": "latency (× dense)",
            "mean_rank_fraction": "mean rank fraction"}
@@ -29,17 +32,17 @@ def markdown_table(frame: pd.DataFrame) -> str:
     return "\n".join(lines)
 
 
-def main(project: Path) -> None:
+def main(project: Path, root: Path = ROOT) -> None:
     frontier = project / "frontier"
     profile = pd.read_csv(project / "profile" / "profile.csv")
-    shutil.copyfile(frontier / "frontier.png", ROOT / "docs" / "demo-frontier.png")
+    shutil.copyfile(frontier / "frontier.png", root / "docs" / FIGURE)
     table = markdown_table(profile.sort_values(["variant", "flops_fraction"]))
-    readme = (ROOT / "README.md").read_text()
-    head, rest = readme.split(START, 1)
+    page = root / "docs" / "demo.md"
+    head, rest = page.read_text().split(START, 1)
     _, tail = rest.split(END, 1)
-    body = (f"\n![demo frontier](docs/demo-frontier.png)\n\nEvery measured point "
+    body = (f"\n![demo frontier]({FIGURE})\n\nEvery measured point "
             f"(`{project}/profile/profile.csv`):\n\n{table}\n")
-    (ROOT / "README.md").write_text(head + START + body + END + tail)
+    page.write_text(head + START + body + END + tail)
 
 
 if __name__ == "__main__":
