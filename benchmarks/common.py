@@ -9,6 +9,7 @@ round). Drift in machine load then hits both sides of a ratio alike.
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import statistics
 import sys
@@ -105,18 +106,15 @@ def interleaved(candidates: dict[str, Callable[[], object]], repeats: int, warmu
                 device: str = "cpu") -> dict[str, list[float]]:
     """Seconds per call of every candidate, run in rotating order round after round.
 
-    `warmup` untimed rounds come first (merged-weight caches, allocator, thread pools).
+    The rounds are nsn profile's own (`nsn_cli.stages.profile.measure.interleaved`);
+    each candidate gets `warmup` untimed calls before its first timing (merged-weight
+    caches, allocator, thread pools).
     """
+    from nsn_cli.stages.profile.measure import interleaved as rounds
+
     names = list(candidates)
-    for _ in range(warmup):
-        for name in names:
-            candidates[name]()
-    times: dict[str, list[float]] = {name: [] for name in names}
-    for round_ in range(repeats):
-        shift = round_ % len(names)
-        for name in names[shift:] + names[:shift]:
-            times[name].append(time_call(candidates[name], device))
-    return times
+    calls = [functools.partial(time_call, candidates[name], device) for name in names]
+    return dict(zip(names, rounds(calls, repeats, warmup)))
 
 
 def paired_ratios(times: dict[str, list[float]], reference: str) -> dict[str, Spread]:

@@ -77,7 +77,7 @@ def reference_text(work: Path) -> tuple[Path, Path]:
 
 def eval_batches(path: Path, tokenizer, task: str, seq_len: int, limit: int) -> list[dict]:
     """The whole held-out file, tokenised the way nsn's data stage does."""
-    from nsn_cli.project.data import DataSpec, load_task_data, pad_batch
+    from nsn_cli.project.data import DataSpec, load_task_data, pad_batch, pad_token_id
 
     spec = DataSpec(data=str(path), label_column="label" if task == "seq-cls" else "",
                     eval_fraction=0.5)
@@ -85,7 +85,7 @@ def eval_batches(path: Path, tokenizer, task: str, seq_len: int, limit: int) -> 
     rows = [data.train[i] for i in range(len(data.train))] + \
            [data.eval[i] for i in range(len(data.eval))]
     rows = rows[:limit]
-    pad = tokenizer.pad_token_id or 0
+    pad = pad_token_id(tokenizer)
     return [pad_batch(rows[i:i + 16], pad) for i in range(0, len(rows), 16)], data.labels
 
 
@@ -136,14 +136,14 @@ def train_dense(model, batches: list[dict], steps: int, lr: float, task: str) ->
 
 
 def train_batches(path: Path, tokenizer, task: str, seq_len: int, size: int = 16):
-    from nsn_cli.project.data import DataSpec, load_task_data, pad_batch
+    from nsn_cli.project.data import DataSpec, load_task_data, pad_batch, pad_token_id
 
     spec = DataSpec(data=str(path), label_column="label" if task == "seq-cls" else "",
                     eval_fraction=0.01)
     data = load_task_data(spec, tokenizer, task, seq_len)
     rows = [data.train[i] for i in range(len(data.train))]
     random.Random(0).shuffle(rows)
-    pad = tokenizer.pad_token_id or 0
+    pad = pad_token_id(tokenizer)
     return [pad_batch(rows[i:i + size], pad) for i in range(0, len(rows) - size + 1, size)], \
         data.labels
 

@@ -18,6 +18,18 @@ def shown(value, limit: int = 40) -> str:
     return text if len(text) <= limit else f"{text[:limit - 4]}…{text[-3:]}"
 
 
+def first_line(exc: BaseException, empty: str | None = None) -> str:
+    """The first line of an exception's message: how a foreign error enters one of ours.
+
+    A message that is empty (or only whitespace) gives `empty`, by default the
+    exception's type name, so there is always something to show.
+    """
+    text = str(exc).strip()
+    if not text:
+        return type(exc).__name__ if empty is None else empty
+    return text.splitlines()[0].strip()
+
+
 class UsageError(NsnError):
     """A flag, path or value that cannot be used as given."""
 

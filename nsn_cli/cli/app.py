@@ -70,7 +70,7 @@ def friendly_errors(command):
 
     @functools.wraps(command)
     def wrapper(*args, **kwargs):
-        from nsn_cli.errors import NsnError
+        from nsn_cli.errors import NsnError, first_line
 
         try:
             return command(*args, **kwargs)
@@ -89,7 +89,7 @@ def friendly_errors(command):
         except Exception as exc:  # noqa: BLE001 - the last line of defence for the CLI
             if os.environ.get("NSN_DEBUG") == "1":
                 raise
-            message = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+            message = first_line(exc, empty="")
             typer.echo(f"nsn: error: {type(exc).__name__}: {message} "
                        "(set NSN_DEBUG=1 for the traceback)", err=True)
             raise typer.Exit(1) from None

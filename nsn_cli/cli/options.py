@@ -70,7 +70,7 @@ def parameter(config_cls, f, arguments: tuple[str, ...]) -> inspect.Parameter:
 
 def to_config(config_cls, values: dict, arguments: tuple[str, ...]):
     """The config from what typer parsed: paths as strings, comma lists as numbers."""
-    from nsn_cli.cli.render.curves import parse_fractions
+    from nsn_cli.text import parse_fractions
 
     types = hints(config_cls)
     out = {}

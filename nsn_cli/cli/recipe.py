@@ -26,7 +26,7 @@ from dataclasses import MISSING, dataclass, fields
 from pathlib import Path
 
 from nsn_cli.stages.config import STAGE_CONFIGS
-from nsn_cli.errors import UsageError
+from nsn_cli.errors import UsageError, first_line
 
 STAGES = ("convert", "finetune", "profile", "frontier")
 TOP_LEVEL = {"name": str, "description": str, "model": str, "task": str, "data": str}
@@ -225,5 +225,5 @@ def check_model(recipe: Recipe) -> None:
     try:
         AutoConfig.from_pretrained(model)
     except (OSError, ValueError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        first = first_line(exc)
         fail(recipe.path, recipe.text, None, "model", f"cannot find model {model!r}: {first}")

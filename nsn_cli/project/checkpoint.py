@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from nsn_cli.errors import ProjectError
+from nsn_cli.errors import ProjectError, first_line
 from nsn_cli.project.files import atomic_write_json
 from nsn_cli.project.staging import staging_dir
 
@@ -181,7 +181,7 @@ def restore(checkpoint: Checkpoint, model: nn.Module, optimizer: torch.optim.Opt
         tensors = load_file(str(checkpoint.path / OPTIMIZER_FILE))
     except (SafetensorError, OSError, RuntimeError) as exc:
         raise ProjectError(f"checkpoint {checkpoint.path} cannot be read: "
-                           f"{str(exc).splitlines()[0]}") from None
+                           f"{first_line(exc)}") from None
     if missing or unexpected:
         raise ProjectError(f"checkpoint {checkpoint.path} does not match the model "
                            f"({len(missing)} missing, {len(unexpected)} unexpected tensors)")

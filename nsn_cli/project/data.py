@@ -12,7 +12,7 @@ import contextlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from nsn_cli.errors import DataError, shown
+from nsn_cli.errors import DataError, first_line, shown
 from nsn_cli.project.safety import check_json_columns
 
 # alias -> (hub path, config name, text column)
@@ -105,7 +105,7 @@ def load_raw(spec: DataSpec):
     except Exception as exc:  # datasets raises many types; each becomes one line
         while exc.__cause__ is not None:  # "error while generating the dataset" hides why
             exc = exc.__cause__
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        first = first_line(exc)
         raise DataError(f"cannot load data {spec.data!r}: {first}") from None
     return split_train_eval(raw, spec)
 
@@ -254,6 +254,12 @@ def encode_for_classification(raw, spec: DataSpec, tokenizer, seq_len: int) -> T
     return TaskData(out["train"], out["eval"], [str(n) for n in names],
                     {"train_rows": len(out["train"]), "eval_rows": len(out["eval"]),
                      "num_labels": len(names)})
+
+
+def pad_token_id(tokenizer) -> int:
+    """The id that fills padding: the tokenizer's pad token, else its EOS (decoders such as
+    GPT-2 have no pad token), else 0. Padded positions are masked out either way."""
+    return next((t for t in (tokenizer.pad_token_id, tokenizer.eos_token_id) if t is not None), 0)
 
 
 def pad_batch(rows: list[dict], pad_id: int):

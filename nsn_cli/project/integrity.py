@@ -19,7 +19,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from nsn_cli.errors import ProjectError
+from nsn_cli.errors import ProjectError, first_line
 from nsn_cli.project.manifest import manifest_path, read_manifest
 from nsn_cli.project.files import sha256_file
 from nsn_cli.project.safety import contained_path, describe_nonfinite, nonfinite_in_file
@@ -106,7 +106,7 @@ def weights_problem(weights: Path) -> str | None:
     try:
         bad = nonfinite_in_file(weights)
     except (SafetensorError, OSError, RuntimeError, ValueError) as exc:
-        return f"cannot be read as safetensors ({str(exc).splitlines()[0]})"
+        return f"cannot be read as safetensors ({first_line(exc)})"
     return describe_nonfinite(bad) if bad else None
 
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from nsn_cli.errors import ModelError, ProjectError, UsageError
+from nsn_cli.errors import ModelError, ProjectError, UsageError, first_line
 from nsn_cli.project.integrity import fast_check
 from nsn_cli.project.manifest import MODEL_DIR, WEIGHTS, read_manifest
 from nsn_cli.nested.surgery import ModuleSpec, build_shells
@@ -115,7 +115,7 @@ def _hf_call(model_id: str, fn, *args, **kwargs):
         if "trust_remote_code" in str(exc):
             raise ModelError(f"model {model_id!r} needs its own Python code to load; nsn runs it "
                              "only with --trust-remote-code (read that code first)") from None
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        first = first_line(exc)
         raise ModelError(f"cannot load model {model_id!r}: {first}") from None
 
 
@@ -181,7 +181,7 @@ def read_model_config(model_dir: Path):
     try:
         return AutoConfig.from_pretrained(model_dir)
     except (OSError, ValueError, KeyError, TypeError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        first = first_line(exc)
         raise ProjectError(f"{model_dir / 'config.json'} cannot be read: {first}") from None
 
 
@@ -193,7 +193,7 @@ def load_weights(model: nn.Module, weights: Path) -> None:
         missing, unexpected = load_model(model, str(weights), strict=False)
     except (SafetensorError, OSError, RuntimeError) as exc:
         raise ProjectError(f"{weights} is corrupt or does not match the manifest: "
-                           f"{str(exc).splitlines()[0]}") from None
+                           f"{first_line(exc)}") from None
     if missing or unexpected:
         sample = ", ".join(list(missing)[:3] or list(unexpected)[:3])
         raise ProjectError(f"{weights} does not match the model: "

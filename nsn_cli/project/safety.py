@@ -15,7 +15,7 @@ from __future__ import annotations
 import os
 from pathlib import Path, PurePosixPath, PureWindowsPath
 
-from nsn_cli.errors import NsnError, ProjectError, TrainingError
+from nsn_cli.errors import NsnError, ProjectError, TrainingError, first_line
 
 
 def path_problem(text: str) -> str | None:
@@ -158,4 +158,4 @@ def check_json_columns(path: Path, error: type[NsnError]) -> None:
     except RecursionError:
         raise error(f"{path} nests JSON too deeply to read") from None
     except ValueError as exc:  # json.JSONDecodeError
-        raise error(f"{path} is not valid JSON: {str(exc).splitlines()[0]}") from None
+        raise error(f"{path} is not valid JSON: {first_line(exc)}") from None

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from nsn_cli.errors import UsageError
 from nsn_cli.nested.budget import DEFAULT_SEQ_LEN
-from nsn_cli.project.data import DataSpec, load_task_data, pad_batch
+from nsn_cli.project.data import DataSpec, load_task_data, pad_batch, pad_token_id
 
 DEFAULT_SAMPLES = 128
 BATCH_SIZE = 8
@@ -27,7 +27,7 @@ def calibration_batches(data: str, tokenizer, task: str, samples: int = DEFAULT_
                     label_column="label" if task == "seq-cls" else "")
     rows = load_task_data(spec, tokenizer, task, seq_len, vocab_size).train
     rows = rows.select(range(min(samples, len(rows))))
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    pad_id = pad_token_id(tokenizer)
     batches = []
     for start in range(0, len(rows), batch_size):
         chunk = [{"input_ids": list(map(int, r["input_ids"]))}

@@ -15,7 +15,7 @@ from pathlib import Path
 import pandas as pd
 
 from nsn_cli.stages.config import FrontierConfig, to_dict
-from nsn_cli.errors import BudgetError, ProjectError, UsageError
+from nsn_cli.errors import BudgetError, ProjectError, UsageError, first_line
 from nsn_cli.stages.evaluate import HIGHER_IS_BETTER, PRIMARY
 from nsn_cli.project.lock import project_lock
 from nsn_cli.project.manifest import (mark_unfinished, read_manifest, record_stage)
@@ -118,7 +118,7 @@ def read_profile(project: Path) -> tuple[pd.DataFrame, dict]:
         frame = pd.read_csv(csv)
         info = json.loads(doc.read_text(encoding="utf-8")) if doc.is_file() else {}
     except (ValueError, OSError, pd.errors.ParserError) as exc:
-        raise ProjectError(f"{csv} is corrupt: {str(exc).splitlines()[0]}") from None
+        raise ProjectError(f"{csv} is corrupt: {first_line(exc)}") from None
     if not {"variant", COST} <= set(frame.columns):
         raise ProjectError(f"{csv} is corrupt: it lacks the variant/{COST} columns")
     return frame, info

@@ -17,6 +17,8 @@ matplotlib.use("Agg")
 from matplotlib.backends.backend_agg import FigureCanvasAgg  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 
+from nsn_cli.text import human  # noqa: E402
+
 METRIC_LABELS = {
     "perplexity": "perplexity (exp of mean NLL per token; lower is better)",
     "nll": "mean NLL per token (nats; lower is better)",
@@ -25,13 +27,6 @@ METRIC_LABELS = {
 }
 COLORS = {"nsn": "#1f77b4", "baseline": "#d62728", "dense": "black", "ladder": "#2ca02c"}
 FORMATS = ("png", "svg")
-
-
-def human(n: float) -> str:
-    for unit, scale in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
-        if abs(n) >= scale:
-            return f"{n / scale:.3g} {unit}"
-    return f"{n:.3g} "
 
 
 def plot_frontier(profile, front, metric: str, higher_is_better: bool, info: dict | None = None,
@@ -57,7 +52,7 @@ def plot_frontier(profile, front, metric: str, higher_is_better: bool, info: dic
     dense_flops = run.get("dense_flops_per_token")
     seq = f" at seq_len {run['seq_len']}" if run.get("seq_len") else ""
     bottom.set_xlabel("FLOPs per token, fraction of the dense original"
-                      + (f" (dense = {human(dense_flops)}FLOPs/token{seq})" if dense_flops else ""))
+                      + (f" (dense = {human(dense_flops)} FLOPs/token{seq})" if dense_flops else ""))
     top.set_ylabel(METRIC_LABELS.get(metric, metric))
     latency = run.get("dense_latency_ms")
     batch = (f"{run['batch_size']}×{run['seq_len']} tokens" if run.get("batch_size") else "a batch")

@@ -5,25 +5,11 @@ from __future__ import annotations
 import contextlib
 import math
 
-from nsn_cli.errors import UsageError
 from nsn_cli.stages.evaluate import METRICS
 
 HEADERS = {"flops_fraction": "FLOPs", "flops_counted_fraction": "counted", "perplexity": "ppl",
            "nll": "nll", "accuracy": "acc", "macro_f1": "F1", "latency_ms": "ms/batch",
            "latency_ratio": "× dense", "peak_memory_mb": "peak MB"}
-
-
-def parse_fractions(text: str | None, flag: str) -> list[float] | None:
-    """'0.1,0.5,1' -> [0.1, 0.5, 1.0] (the CLI form of --budgets / --rank-fractions)."""
-    if text is None:
-        return None
-    try:
-        values = [float(part) for part in text.split(",") if part.strip()]
-    except ValueError:
-        raise UsageError(f"{flag} takes comma-separated numbers, got {text!r}") from None
-    if not values:
-        raise UsageError(f"{flag} is empty")
-    return values
 
 
 @contextlib.contextmanager

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as torch_dist
 
-from nsn_cli.errors import UsageError
+from nsn_cli.stages.runtime import resolve_device
 
 
 @dataclass
@@ -52,22 +52,6 @@ class Dist:
     def close(self) -> None:
         if self.owns_group and torch_dist.is_initialized():
             torch_dist.destroy_process_group()
-
-
-def resolve_device(flag: str, local_rank: int) -> torch.device:
-    if flag == "auto":
-        flag = "cuda" if torch.cuda.is_available() else "cpu"
-    if flag == "cuda":
-        flag = f"cuda:{local_rank}"
-    try:
-        device = torch.device(flag)
-    except RuntimeError:
-        raise UsageError(f"--device must be cpu, cuda, cuda:N or auto, got {flag!r}") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UsageError(f"--device {flag}: CUDA is not available on this machine")
-    if device.type not in ("cpu", "cuda"):
-        raise UsageError(f"--device must be cpu, cuda, cuda:N or auto, got {flag!r}")
-    return device
 
 
 def setup(device_flag: str = "auto") -> Dist:

@@ -17,7 +17,6 @@
 
 from __future__ import annotations
 
-import math
 import random
 from dataclasses import dataclass
 
@@ -26,6 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from nsn_cli.errors import UsageError
+from nsn_cli.text import parse_fractions
 
 DEFAULT_LADDER = (0.0625, 0.125, 0.25, 0.5, 1.0)
 OBJECTIVES = ("uncertainty", "uniform")
@@ -33,21 +33,7 @@ OBJECTIVES = ("uncertainty", "uniform")
 
 def parse_ladder(spec) -> list[float]:
     """Rank fractions from a list or a comma string, sorted; each in (0, 1], no repeats."""
-    if isinstance(spec, str):
-        parts = [p.strip() for p in spec.split(",") if p.strip()]
-    elif isinstance(spec, (list, tuple)):
-        parts = list(spec)
-    else:
-        raise UsageError(f"--ladder must be a list or comma-separated fractions, got {spec!r}")
-    try:
-        fractions = [float(p) for p in parts]
-    except (TypeError, ValueError):
-        raise UsageError(f"--ladder must hold numbers, got {spec!r}") from None
-    if not fractions:
-        raise UsageError("--ladder is empty")
-    bad = [f for f in fractions if not (0 < f <= 1) or math.isnan(f)]
-    if bad:
-        raise UsageError(f"--ladder fractions must be in (0, 1], got {bad[0]}")
+    fractions = parse_fractions(spec, "--ladder")
     if len(set(fractions)) != len(fractions):
         raise UsageError(f"--ladder repeats a fraction: {spec!r}")
     return sorted(fractions)

@@ -15,12 +15,13 @@ from torch import nn
 
 from nsn_cli.project import checkpoint as ckpt
 from nsn_cli.stages.config import FinetuneConfig, to_dict
-from nsn_cli.project.data import TaskData, load_task_data
+from nsn_cli.project.data import TaskData, load_task_data, pad_token_id
 from nsn_cli.stages.finetune.distributed import Dist
 from nsn_cli.errors import DataError, ModelError, UsageError
 from nsn_cli.nested.layer import NestedLinear
 from nsn_cli.stages.finetune.objective import OBJECTIVES, ladder_settings, parse_ladder
 from nsn_cli.project.manifest import MODEL_DIR, read_manifest
+from nsn_cli.stages.runtime import resolve_seq_len
 
 FINETUNE_DIR = "finetune"
 CHECKPOINTS = "checkpoints"  # under DIR/finetune/
@@ -102,14 +103,14 @@ def load_inputs(cfg: FinetuneConfig, ladder: list[float], dist: Dist) -> Inputs:
         checkpoint = ckpt.find_latest(project / FINETUNE_DIR / CHECKPOINTS)
     model, tokenizer = load_model(project, manifest, checkpoint)
     task = manifest["task"]
-    seq_len = resolve_seq_len(cfg.seq_len, model.config)
+    seq_len = resolve_seq_len(cfg.seq_len, model.config, DEFAULT_MAX_SEQ_LEN)
     spec = cfg.data_spec(cfg.seed)
     data = load_task_data(spec, tokenizer, task, seq_len,
                           vocab_size=model.get_input_embeddings().num_embeddings)
     if cfg.batch_size % dist.world:
         raise UsageError(f"--batch-size {cfg.batch_size} must be a multiple of the "
                          f"{dist.world} processes")
-    pad_id = next((t for t in (tokenizer.pad_token_id, tokenizer.eos_token_id) if t is not None), 0)
+    pad_id = pad_token_id(tokenizer)
     head = None
     if task == "seq-cls":
         head = prepare_head(model, data.labels, cfg.seed)
@@ -150,22 +151,6 @@ def load_model(project: Path, manifest: dict, checkpoint: ckpt.Checkpoint | None
     return model, tokenizer
 
 
-def context_length(config) -> int | None:
-    for name in ("max_position_embeddings", "n_positions", "max_seq_len", "seq_length"):
-        value = getattr(config, name, None)
-        if isinstance(value, int) and value > 0:
-            return value
-    return None
-
-
-def resolve_seq_len(requested: int | None, config) -> int:
-    context = context_length(config)
-    if requested is None:
-        return min(DEFAULT_MAX_SEQ_LEN, context or DEFAULT_MAX_SEQ_LEN)
-    if context is not None and requested > context:
-        raise UsageError(f"--seq-len {requested} is beyond the model's context of {context} "
-                         "tokens")
-    return requested
 
 
 def check_resumable(checkpoint: ckpt.Checkpoint, resolved: dict, train_rows: int) -> None:

@@ -5,6 +5,7 @@ Kept apart from the profile stage so each can be used (and tested) on any model.
 
 from __future__ import annotations
 
+import functools
 import time
 import weakref
 from typing import Callable
@@ -87,32 +88,47 @@ def timed_forward(model: nn.Module, batch: dict, task: str) -> float:
 Entry = tuple  # (model, ranks or None): one setting to time
 
 
-def round_robin_times(entries: list[Entry], batch: dict, task: str, warmup: int, repeats: int,
-                      on_round: Callable[[int], None] = lambda done: None) -> list[list[float]]:
-    """Milliseconds per forward for each entry, timed in interleaved rounds.
+def interleaved(calls: list[Callable[[], float]], repeats: int, warmup: int = 1, settle: int = 0,
+                before: Callable[[int], None] = lambda slot: None,
+                on_round: Callable[[int], None] = lambda done: None) -> list[list[float]]:
+    """The times each call measures of itself, in interleaved rounds.
 
     Each round times every entry once, so slow drift on a shared machine (another
-    process, thermal throttling) lands on all settings alike instead of on whichever
+    process, thermal throttling) lands on all entries alike instead of on whichever
     was measured last; the order rotates from round to round, so no entry always runs
-    first. Before its first timing each entry gets `warmup` untimed passes; before
-    every later one a single pass, because switching ranks rebuilds the merged weights
-    of layers above break-even.
+    first. Before its first timing each entry gets `warmup` untimed calls, before every
+    later one `settle`; `before(slot)` runs ahead of those (e.g. to switch ranks).
+    The benchmarks time with this too.
     """
-    from nsn_cli.nested.budget import apply_ranks
-
-    times: list[list[float]] = [[] for _ in entries]
-    slots = list(range(len(entries)))
+    times: list[list[float]] = [[] for _ in calls]
+    slots = list(range(len(calls)))
     for done in range(repeats):
         shift = done % len(slots)
         for slot in slots[shift:] + slots[:shift]:
-            model, ranks = entries[slot]
-            if ranks is not None:
-                apply_ranks(model, ranks)
-            for _ in range(warmup if done == 0 else 1):
-                timed_forward(model, batch, task)
-            times[slot].append(timed_forward(model, batch, task))
+            before(slot)
+            for _ in range(warmup if done == 0 else settle):
+                calls[slot]()
+            times[slot].append(calls[slot]())
         on_round(done + 1)
     return times
+
+
+def round_robin_times(entries: list[Entry], batch: dict, task: str, warmup: int, repeats: int,
+                      on_round: Callable[[int], None] = lambda done: None) -> list[list[float]]:
+    """Milliseconds per forward for each entry (model, ranks), timed by `interleaved`.
+
+    Every timing after the first is settled by one untimed pass, because switching
+    ranks rebuilds the merged weights of layers above break-even.
+    """
+    from nsn_cli.nested.budget import apply_ranks
+
+    def switch(slot: int) -> None:
+        model, ranks = entries[slot]
+        if ranks is not None:
+            apply_ranks(model, ranks)
+
+    calls = [functools.partial(timed_forward, model, batch, task) for model, _ in entries]
+    return interleaved(calls, repeats, warmup, settle=1, before=switch, on_round=on_round)
 
 
 def counted_flops_per_token(model: nn.Module, batch: dict, task: str) -> float:

@@ -23,15 +23,16 @@ from typing import Callable
 import torch
 from torch import nn
 
-from nsn_cli.nested.budget import apply_ranks, cost_table, set_rank
+from nsn_cli.nested.budget import DEFAULT_SEQ_LEN, apply_ranks, cost_table, set_rank
 from nsn_cli.stages.config import ProfileConfig
-from nsn_cli.project.data import load_task_data
+from nsn_cli.project.data import load_task_data, pad_token_id
 from nsn_cli.errors import BudgetError, ProjectError
 from nsn_cli.stages.evaluate import EvalResult, batches, evaluate, label_mapping
 from nsn_cli.stages.profile.measure import (activation_peak_bytes, active_weights, counted_flops_per_token,
                       round_robin_times)
-from nsn_cli.stages.profile.setup import (DTYPES, reconvert, resolve_data, resvd, resolve_device,
-                            resolve_seq_len, timing_batch, validate)
+from nsn_cli.stages.profile.setup import (DTYPES, reconvert, resolve_data, resvd,
+                                          timing_batch, validate)
+from nsn_cli.stages.runtime import resolve_device, resolve_seq_len
 from nsn_cli.project.manifest import read_manifest
 from nsn_cli.stages.profile.outputs import COLUMN_TYPES, MB, columns_for, run_record, write_outputs
 from nsn_cli.stages.profile.points import DEFAULT_BUDGETS, Point, ladder_points, plan_points
@@ -108,9 +109,7 @@ class ProfileResult:
 
 
 def make_bench(cfg: ProfileConfig, model: nn.Module, data, tokenizer, task: str, device) -> Bench:
-    pad_id = tokenizer.pad_token_id
-    if pad_id is None:
-        pad_id = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0
+    pad_id = pad_token_id(tokenizer)
     return Bench(task, cfg.seq_len, batches(data.eval, cfg.batch_size, pad_id, device),
                  timing_batch(data.eval, cfg.batch_size, cfg.seq_len, pad_id, device),
                  label_mapping(model, data.labels) if task == "seq-cls" else None,
@@ -197,7 +196,7 @@ def profile_locked(cfg: ProfileConfig, seed: int, project: Path, manifest: dict,
     if tokenizer is None:
         raise ProjectError(f"{project}/model has no tokenizer files: cannot read the data")
     budgets = None if cfg.rank_fractions else list(cfg.budgets or DEFAULT_BUDGETS)
-    cfg = replace(cfg, seq_len=resolve_seq_len(cfg, model), budgets=budgets)
+    cfg = replace(cfg, seq_len=resolve_seq_len(cfg.seq_len, model.config, DEFAULT_SEQ_LEN), budgets=budgets)
     task = manifest["task"]
     data = load_task_data(cfg.data_spec(seed), tokenizer, task, cfg.seq_len,
                           vocab_size=model.get_input_embeddings().num_embeddings)

@@ -9,13 +9,13 @@ from dataclasses import fields, replace
 from pathlib import Path
 
 import torch
-from torch import nn
 
 from nsn_cli.stages.config import ConvertConfig, DataOptions, ProfileConfig
 from nsn_cli.project.data import pad_batch
 from nsn_cli.errors import ModelError, ProjectError, UsageError
+from nsn_cli.stages.runtime import resolve_device
+from nsn_cli.text import parse_fractions
 
-DEFAULT_SEQ_LEN = 128
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 DATA_FIELDS = tuple(f.name for f in fields(DataOptions))
 
@@ -27,9 +27,7 @@ def validate(cfg: ProfileConfig) -> None:
     if cfg.budgets and cfg.rank_fractions:
         raise UsageError("give --budgets or --rank-fractions, not both")
     for flag, values in (("--budgets", cfg.budgets), ("--rank-fractions", cfg.rank_fractions)):
-        for value in values or []:
-            if not 0 < value <= 1:
-                raise UsageError(f"{flag} values must be in (0, 1], got {value}")
+        parse_fractions(values, flag)
     for flag, value, low in (("--batch-size", cfg.batch_size, 1), ("--repeats", cfg.repeats, 1),
                              ("--warmup-passes", cfg.warmup_passes, 0), ("--seq-len", cfg.seq_len, 2),
                              ("--max-samples", cfg.max_samples, 1), ("--threads", cfg.threads, 1)):
@@ -38,18 +36,6 @@ def validate(cfg: ProfileConfig) -> None:
     if cfg.dtype not in DTYPES:
         raise UsageError(f"--dtype must be one of {', '.join(DTYPES)}, got {cfg.dtype!r}")
     resolve_device(cfg.device)
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except (RuntimeError, ValueError):
-        raise UsageError(f"--device {name!r} is not a device (cpu, cuda, cuda:N, auto)") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UsageError("--device cuda was asked for but no CUDA device is available")
-    return device
 
 
 def resolve_data(cfg: ProfileConfig, manifest: dict) -> tuple[ProfileConfig, int]:
@@ -68,23 +54,6 @@ def resolve_data(cfg: ProfileConfig, manifest: dict) -> tuple[ProfileConfig, int
                          "to take it from)")
     seed = finetune.get("seed", 0) if inherit else 0
     return replace(cfg, **values), seed if isinstance(seed, int) else 0
-
-
-def context_length(config) -> int | None:
-    for key in ("max_position_embeddings", "n_positions", "max_seq_len"):
-        value = getattr(config, key, None)
-        if isinstance(value, int) and value > 0:
-            return value
-    return None
-
-
-def resolve_seq_len(cfg: ProfileConfig, model: nn.Module) -> int:
-    limit = context_length(model.config)
-    if cfg.seq_len is None:
-        return min(DEFAULT_SEQ_LEN, limit or DEFAULT_SEQ_LEN)
-    if limit is not None and cfg.seq_len > limit:
-        raise UsageError(f"--seq-len {cfg.seq_len} exceeds the model's context of {limit} tokens")
-    return cfg.seq_len
 
 
 def timing_batch(dataset, batch_size: int, seq_len: int, pad_id: int, device) -> dict:
