@@ -2,8 +2,8 @@
 
 A field's default and help (its `opt(...)`) become the option's default and help, so
 no default or help text is written twice, and a field added to a config is a flag of
-its command at once. `Literal[...]` fields become choices that `--help` lists; the
-command still receives plain strings. A command body takes the filled-in config:
+its command at once (`opt(..., cli=False)` keeps one off the command line). `Literal[...]`
+fields become choices that `--help` lists; the command still receives plain strings. A command body takes the filled-in config:
 
     @app.command()
     @friendly_errors

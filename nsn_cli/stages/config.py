@@ -32,6 +32,16 @@ def opt(default, help: str, unset: str | None = None, **extra):
     return field(default=default, metadata=metadata)
 
 
+def project_dir(made_by: str = ""):
+    """The PROJECT argument every command but convert takes."""
+    return opt(None, f"Project directory{f' ({made_by})' if made_by else ''}.")
+
+
+def device_option(verb: str):
+    """--device, the same flag wherever a stage runs a model."""
+    return opt("auto", f"Device to {verb} on (auto: cuda when available).", metavar=DEVICES)
+
+
 @dataclass
 class ConvertConfig:
     model: str = opt(None, "Hub id (e.g. gpt2) or local directory of the pretrained model.",
@@ -123,7 +133,7 @@ ProfileData = inherited_from_finetune(
 
 @dataclass
 class ProfileConfig(ProfileData):
-    project: str = opt(None, "Project directory.")
+    project: str = project_dir()
     batch_size: int = opt(8, "Rows (LM: blocks) per batch, for the metric and the latency.")
     budgets: list[float] | None = opt(None, "FLOPs budgets to measure, as fractions of the "
                                             "dense model.", unset="12 points from 0.05 to 1")
@@ -133,8 +143,7 @@ class ProfileConfig(ProfileData):
                                 "(re-converts the source model, which must be reachable).")
     repeats: int = opt(5, "Timed forward passes per point (the median is reported).")
     warmup_passes: int = opt(2, "Untimed forward passes before timing each point.")
-    device: str = opt("auto", "Device to measure on (auto: cuda when available).",
-                      metavar=DEVICES)
+    device: str = device_option("measure")
     dtype: Literal["float32", "bfloat16", "float16"] = opt(
         "float32", "Dtype of the weights and activations measured.")
     threads: int | None = opt(None, "CPU threads to measure with; latency ratios depend on "
@@ -143,7 +152,7 @@ class ProfileConfig(ProfileData):
 
 @dataclass
 class FrontierConfig:
-    project: str = opt(None, "Project directory (profiled with nsn profile).")
+    project: str = project_dir("profiled with nsn profile")
     budget: float | None = opt(None, "Print the best measured setting whose FLOPs fraction is "
                                      "at most this.")
     plot: bool = opt(False, "Write frontier/frontier.png and .svg.")
@@ -153,7 +162,7 @@ class FrontierConfig:
 
 @dataclass
 class ExportConfig:
-    project: str = opt(None, "Project directory.")
+    project: str = project_dir()
     dest: str = opt(None, "Directory to write the exported model to.")
     budget: float | None = opt(None, "FLOPs budget as a fraction of the dense model.")
     rank_fraction: float | None = opt(None, "Fraction of R in every layer (instead of --budget).")
@@ -167,7 +176,7 @@ class ExportConfig:
 
 @dataclass
 class FinetuneConfig(DataOptions):
-    project: str = opt(None, "Project directory (made by nsn convert).")
+    project: str = project_dir("made by nsn convert")
     steps: int = opt(200, "Optimizer steps.")
     batch_size: int = opt(8, "Rows (LM: blocks) per micro-batch, over all processes together.")
     grad_accum: int = opt(1, "Micro-batches per optimizer step.")
@@ -198,20 +207,19 @@ class FinetuneConfig(DataOptions):
     keep_checkpoints: int = opt(2, "Checkpoints kept in DIR/finetune/checkpoints.")
     resume: bool = opt(False, "Continue from the newest complete checkpoint (a fresh start when "
                               "there is none); without it a new run replaces DIR/finetune/.")
-    device: str = opt("auto", "Device to train on (auto: cuda when available).",
-                      metavar=DEVICES)
+    device: str = device_option("train")
 
 
 # ---------------------------------------------------------------- commands with no stage
 
 @dataclass
 class InfoConfig:
-    project: str = opt(None, "Project directory.")
+    project: str = project_dir()
 
 
 @dataclass
 class VerifyConfig:
-    project: str = opt(None, "Project directory.")
+    project: str = project_dir()
 
 
 @dataclass
