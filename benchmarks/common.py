@@ -169,7 +169,7 @@ def machine_line(device: str) -> str:
 
 
 def print_table(headers: list[str], rows: list[list[str]]) -> None:
-    """A plain fixed-width table (pasted verbatim into the README)."""
+    """A plain fixed-width table (pasted verbatim into docs/)."""
     widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(headers)]
     line = "  ".join(h.rjust(w) for h, w in zip(headers, widths))
     print(line)

@@ -8,7 +8,7 @@ same run as the 1.0 reference; `--baseline` adds plain truncated SVD at the same
 settings (of the source model for causal LMs; of the project's own full-rank weights for
 classifiers, whose head convert created untrained: see profile_setup.resvd).
 
-The columns of profile.csv are documented in the README ("profile.csv columns").
+The columns of profile.csv are documented in docs/outputs.md ("profile.csv columns").
 """
 
 from __future__ import annotations
