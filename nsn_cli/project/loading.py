@@ -1,7 +1,7 @@
 """Load pretrained source models and nsn projects; save a model in the HF layout.
 
 `load(project)` rebuilds the HF model from its config, puts NestedLinear shells where
-the manifest says, and fills every tensor from `model.safetensors` (strictly: a missing
+the manifest says, and fills every tensor from `nsn.safetensors` (strictly: a missing
 or extra tensor is an error, never a silently random weight).
 """
 
@@ -15,7 +15,7 @@ from torch import nn
 
 from nsn_cli.errors import ModelError, ProjectError, UsageError, first_line
 from nsn_cli.project.integrity import fast_check
-from nsn_cli.project.manifest import MODEL_DIR, WEIGHTS, read_manifest
+from nsn_cli.project.manifest import LEGACY_WEIGHTS, MODEL_DIR, WEIGHTS, read_manifest
 from nsn_cli.nested.surgery import ModuleSpec, build_shells
 
 TASKS = ("causal-lm", "seq-cls")
@@ -119,8 +119,13 @@ def _hf_call(model_id: str, fn, *args, **kwargs):
         raise ModelError(f"cannot load model {model_id!r}: {first}") from None
 
 
-def save_model(model: nn.Module, tokenizer, dest: Path) -> None:
-    """HF layout: config.json, tokenizer files and one model.safetensors (no pickle)."""
+def save_model(model: nn.Module, tokenizer, dest: Path, plain: bool = False) -> None:
+    """HF layout: config.json, tokenizer files and one safetensors file (no pickle).
+
+    A nested model's tensors go to WEIGHTS, which plain transformers does not look for
+    (so it cannot load the factors as random dense weights); a `plain` model (merged,
+    no nested layers) gets transformers' own model.safetensors.
+    """
     from safetensors.torch import save_model as save_tensors
 
     dest = Path(dest)
@@ -131,7 +136,8 @@ def save_model(model: nn.Module, tokenizer, dest: Path) -> None:
     if tokenizer is not None:
         tokenizer.save_pretrained(dest)
     # save_model drops the duplicate names of tied tensors (e.g. lm_head = wte).
-    save_tensors(model, str(dest / WEIGHTS), metadata={"format": "pt"})
+    name = LEGACY_WEIGHTS if plain else WEIGHTS
+    save_tensors(model, str(dest / name), metadata={"format": "pt"})
 
 
 def empty_model(task: str, config) -> nn.Module:
@@ -154,7 +160,7 @@ def load(project, device: str | torch.device = "cpu", dtype: torch.dtype | None 
     project = Path(project)
     manifest = read_manifest(project)
     model_dir = project / MODEL_DIR
-    weights = model_dir / WEIGHTS
+    weights = weights_file(model_dir)
     fast_check(project, manifest, under=f"{MODEL_DIR}/")  # missing, truncated or altered
     if not weights.is_file():
         raise ProjectError(f"{weights} is missing: the project is incomplete")
@@ -173,6 +179,13 @@ def load(project, device: str | torch.device = "cpu", dtype: torch.dtype | None 
 
     load_into(model, project, manifest)  # the global rank ordering, when there is one
     return model, tokenizer
+
+
+def weights_file(model_dir: Path) -> Path:
+    """model/'s tensors: WEIGHTS, or LEGACY_WEIGHTS in a project written before the rename."""
+    weights = Path(model_dir) / WEIGHTS
+    legacy = Path(model_dir) / LEGACY_WEIGHTS
+    return legacy if not weights.is_file() and legacy.is_file() else weights
 
 
 def read_model_config(model_dir: Path):

@@ -25,7 +25,12 @@ from nsn_cli.project.safety import path_problem
 SCHEMA_VERSION = 1
 MANIFEST = "nsn.json"
 MODEL_DIR = "model"
-WEIGHTS = "model.safetensors"
+# The nested model's tensors. Not transformers' own name (model.safetensors): a plain
+# `from_pretrained` on model/ then fails loudly ("no file named model.safetensors")
+# instead of filling the factored layers with random weights. Projects written before
+# the rename keep LEGACY_WEIGHTS, which `load` still reads.
+WEIGHTS = "nsn.safetensors"
+LEGACY_WEIGHTS = "model.safetensors"
 STAGE_DIRS = ("finetune", "profile", "frontier")
 REQUIRED_KEYS = {"schema_version": int, "nsn_version": str, "source": dict, "task": str,
                  "modules": list, "stages": dict}
@@ -86,7 +91,8 @@ def validate_manifest(manifest: dict, path: Path) -> dict:
         for i, record in enumerate(stage["outputs"]):
             validate_record(record, f"stages[{name!r}].outputs[{i}]", path)
     weights = f"{MODEL_DIR}/{WEIGHTS}"
-    if not any(o["path"] == weights for s in manifest["stages"].values() for o in s["outputs"]):
+    known = {weights, f"{MODEL_DIR}/{LEGACY_WEIGHTS}"}
+    if not any(o["path"] in known for s in manifest["stages"].values() for o in s["outputs"]):
         raise ProjectError(f"{path} is corrupt: no stage records {weights}, so its integrity "
                            "cannot be checked")
     return manifest

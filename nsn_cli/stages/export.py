@@ -124,7 +124,7 @@ def write_merged(model: nn.Module, tokenizer, tmp: Path, cfg: ExportConfig, chos
     from nsn_cli.project.loading import save_model
 
     merged = merge_layers(model, in_place=True)
-    save_model(merged, tokenizer, tmp)
+    save_model(merged, tokenizer, tmp, plain=True)
     atomic_write_json(tmp / EXPORT_INFO, provenance(cfg, chosen, manifest))
     return count_params(merged)
 

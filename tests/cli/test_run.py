@@ -68,11 +68,11 @@ def test_changed_stage_reruns_it_and_later_stages_only(tiny_models, tmp_path):
     recipe = tiny_recipe(tmp_path, tiny_models["bert"], steps=4)
     project = tmp_path / "proj"
     assert runner.invoke(app, ["run", str(recipe), str(project)]).exit_code == 0
-    finetuned = (project / "model" / "model.safetensors").stat().st_mtime_ns
+    finetuned = (project / "model" / "nsn.safetensors").stat().st_mtime_ns
     result = runner.invoke(app, ["run", str(recipe), str(project), "--set",
                                  "profile.budgets=[0.8, 1.0]"])
     assert result.exit_code == 0, result.output
-    assert (project / "model" / "model.safetensors").stat().st_mtime_ns == finetuned
+    assert (project / "model" / "nsn.safetensors").stat().st_mtime_ns == finetuned
     profile = pd.read_csv(project / "profile" / "profile.csv")
     assert sorted(profile[profile["variant"] == "nsn"]["budget"]) == [0.8, 1.0]
 
@@ -119,7 +119,7 @@ def test_killed_run_resumes_to_same_result(tiny_models, tmp_path):
     theirs = json.loads((reference / "nsn.json").read_text())["stages"]["finetune"]["summary"]
     assert ours["resumed_from"] and not theirs["resumed_from"]
     assert [r["after"] for r in ours["ranks"]] == [r["after"] for r in theirs["ranks"]]
-    mine, reference_weights = (load_file(str(p / "model" / "model.safetensors"))
+    mine, reference_weights = (load_file(str(p / "model" / "nsn.safetensors"))
                                for p in (project, reference))
     for name, tensor in reference_weights.items():
         torch.testing.assert_close(mine[name], tensor, atol=1e-5, rtol=1e-5)

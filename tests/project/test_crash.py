@@ -139,7 +139,7 @@ def final_state(project: Path) -> dict:
             return [{k: v for k, v in r.items() if k not in drop} for r in csv.DictReader(handle)]
 
     summary = read_manifest(project)["stages"]["finetune"]["summary"]
-    return {"weights": load_file(str(project / "model" / "model.safetensors")),
+    return {"weights": load_file(str(project / "model" / "nsn.safetensors")),
             "metrics": rows("metrics.csv", drop=("tokens_per_s",)), "eval": rows("eval.csv"),
             "ranks": summary["ranks"], "tokens": summary["train_tokens"]}
 

@@ -23,7 +23,7 @@ from nsn_cli.project.manifest import read_manifest, record_stage, write_manifest
 from nsn_cli.project.files import file_record
 from tests.helpers import runner, snapshot
 
-WEIGHTS = "model/model.safetensors"
+WEIGHTS = "model/nsn.safetensors"
 
 
 @pytest.fixture

@@ -154,7 +154,7 @@ def test_convert_and_load_never_call_torch_load(tiny_models, tmp_path, monkeypat
 @pytest.mark.parametrize("text,problem", [
     ("../x", "climbs out"), ("model/../../x", "climbs out"), ("/etc/passwd", "absolute"),
     ("C:/Windows/x", "absolute"), ("model\\..\\x", "backslashes"), ("", "empty"),
-    ("a\x00b", "NUL"), ("model/model.safetensors", None), ("finetune/metrics.csv", None),
+    ("a\x00b", "NUL"), ("model/nsn.safetensors", None), ("finetune/metrics.csv", None),
 ])
 def test_path_problem(text, problem):
     found = path_problem(text)
@@ -184,14 +184,14 @@ def project(converted, tmp_path):
 
 
 def test_weights_replaced_by_a_symlink_are_refused(project, tmp_path):
-    weights = project / "model" / "model.safetensors"
+    weights = project / "model" / "nsn.safetensors"
     elsewhere = tmp_path / "elsewhere.safetensors"
     shutil.copy2(weights, elsewhere)  # identical bytes and mtime: only the link is wrong
     weights.unlink()
     weights.symlink_to(elsewhere)
     for command in ("info", "verify"):
         result = runner.invoke(app, [command, str(project)])
-        assert result.exit_code != 0 and "symlink model/model.safetensors" in result.stderr
+        assert result.exit_code != 0 and "symlink model/nsn.safetensors" in result.stderr
     with pytest.raises(ProjectError, match="symlink"):
         load(project)
 

@@ -22,7 +22,7 @@ def test_project_layout_and_manifest(converted):
     project = converted["gpt2"]
     assert sorted(p.name for p in project.iterdir()) == ["model", "nsn.json"]
     assert sorted(p.name for p in (project / "model").iterdir()) == [
-        "config.json", "generation_config.json", "model.safetensors",
+        "config.json", "generation_config.json", "nsn.safetensors",
         "tokenizer.json", "tokenizer_config.json"]
     manifest = json.loads((project / "nsn.json").read_text())
     assert manifest["schema_version"] == SCHEMA_VERSION and manifest["task"] == "causal-lm"
@@ -31,8 +31,8 @@ def test_project_layout_and_manifest(converted):
         "name": "transformer.h.0.mlp.c_fc", "kind": "conv1d", "d_in": 32, "d_out": 128,
         "max_rank": 32, "bias": True}
     outputs = {o["path"]: o for o in manifest["stages"]["convert"]["outputs"]}
-    weights = project / "model" / "model.safetensors"
-    assert outputs["model/model.safetensors"]["sha256"] == sha256_file(weights)
+    weights = project / "model" / "nsn.safetensors"
+    assert outputs["model/nsn.safetensors"]["sha256"] == sha256_file(weights)
     with safe_open(str(weights), "pt") as f:
         keys = set(f.keys())
     assert "transformer.h.0.mlp.c_fc.A" in keys and "transformer.h.0.mlp.c_fc.weight" not in keys

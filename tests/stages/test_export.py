@@ -77,7 +77,7 @@ def test_factored_export_reloads_matches_and_is_smaller(family, converted, tmp_p
     assert {n: m.max_rank for n, m in nested_layers(small).items()} == choice.ranks
     ids = sample_ids(n=2, length=SEQ_LEN)
     torch.testing.assert_close(logits(small, ids), logits(nested, ids), atol=1e-5, rtol=0)
-    weights = "model/model.safetensors"
+    weights = "model/nsn.safetensors"
     assert (dest / weights).stat().st_size < (converted[family] / weights).stat().st_size
     assert result.size_bytes == (dest / weights).stat().st_size
     manifest = read_manifest(dest)

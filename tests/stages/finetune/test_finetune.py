@@ -103,7 +103,7 @@ def test_outputs_manifest_and_reload(lm_project):
     stage = manifest["stages"]["finetune"]
     assert stage["config"]["ladder"] == [0.0625, 0.125, 0.25, 0.5, 1.0]
     records = {o["path"]: o for o in stage["outputs"]}
-    assert {"model/model.safetensors", "model/config.json", "finetune/metrics.csv",
+    assert {"model/nsn.safetensors", "model/config.json", "finetune/metrics.csv",
             "finetune/eval.csv"} <= set(records)
     for path, record in records.items():
         assert record["sha256"] == sha256_file(lm_project / path)
@@ -167,7 +167,7 @@ def test_resume_repeats_the_uninterrupted_run(converted, tmp_path, monkeypatch):
         for ra, rb in zip(a, b):
             for column in set(ra) - {"step", "rank", "tokens_per_s"}:
                 assert float(ra[column]) == pytest.approx(float(rb[column]), abs=1e-5), column
-    wa, wb = (load_file(str(p / "model" / "model.safetensors")) for p in (straight, resumed))
+    wa, wb = (load_file(str(p / "model" / "nsn.safetensors")) for p in (straight, resumed))
     for key in wa:
         torch.testing.assert_close(wa[key], wb[key], atol=1e-6, rtol=0)
 
@@ -175,11 +175,11 @@ def test_resume_repeats_the_uninterrupted_run(converted, tmp_path, monkeypatch):
 def test_resume_survives_a_kill_while_model_is_being_replaced(lm_project):
     """Killed between the two renames of replace_dir: DIR/model/ is briefly absent."""
     run(lm_project, steps=4, save_every=2)
-    final = load_file(str(lm_project / "model" / "model.safetensors"))
+    final = load_file(str(lm_project / "model" / "nsn.safetensors"))
     (lm_project / "model").rename(lm_project / ".model.old-12345")
     result = run(lm_project, steps=4, save_every=2, resume=True)
     assert result.resumed_from == 4
-    again = load_file(str(lm_project / "model" / "model.safetensors"))
+    again = load_file(str(lm_project / "model" / "nsn.safetensors"))
     assert all(torch.equal(final[k], again[k]) for k in final)
     assert (lm_project / "model" / "tokenizer.json").is_file()
 
@@ -425,6 +425,6 @@ def test_two_processes_match_one_with_the_same_global_batch(tmp_path, tokenizer)
         for ra, rb in zip(a, b):
             for column in set(ra) - {"step", "rank", "tokens_per_s"}:
                 assert float(ra[column]) == pytest.approx(float(rb[column]), rel=1e-4, abs=1e-5)
-    wa, wb = (load_file(str(tmp_path / p / "model" / "model.safetensors")) for p in ("one", "two"))
+    wa, wb = (load_file(str(tmp_path / p / "model" / "nsn.safetensors")) for p in ("one", "two"))
     for key in wa:
         torch.testing.assert_close(wa[key], wb[key], atol=1e-5, rtol=1e-4)
