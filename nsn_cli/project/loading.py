@@ -81,6 +81,8 @@ def load_source(model_id: str, task: str | None = None, revision: str | None = N
     tokenizer = _hf_call(model_id, AutoTokenizer.from_pretrained, model_id, **kw)
     source = {"id": hub_id, "revision": getattr(config, "_commit_hash", None) or revision,
               "local": Path(model_id).is_dir()}
+    if source["local"]:  # where it was, whatever directory nsn was run from
+        source["path"] = str(Path(model_id).resolve())
     if model_id != hub_id:  # record the packaged copy the weights came from
         from importlib.metadata import version
 

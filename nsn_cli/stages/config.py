@@ -148,6 +148,16 @@ class ProfileConfig(ProfileData):
         "float32", "Dtype of the weights and activations measured.")
     threads: int | None = opt(None, "CPU threads to measure with; latency ratios depend on "
                                     "it, so use what you deploy with.", unset="torch's choice")
+    lm_eval_tasks: str | None = opt(None, "lm-evaluation-harness tasks (comma-separated) to run "
+                                          "at every point and on the dense original; each "
+                                          "metric becomes a profile.csv column TASK/METRIC "
+                                          "(needs nsn-cli[lm-eval]).")
+    lm_eval_include: str | None = opt(None, "Directory of your own lm-eval task YAML files "
+                                            "(lm-eval's --include_path).")
+    lm_eval_limit: float | None = opt(None, "At most this many documents per lm-eval task (below "
+                                            "1: that fraction), as lm-eval's --limit.")
+    lm_eval_fewshot: int | None = opt(None, "Few-shot examples per lm-eval prompt (lm-eval's "
+                                            "--num_fewshot; default: each task's own).")
 
 
 @dataclass
@@ -157,7 +167,8 @@ class FrontierConfig:
                                      "at most this.")
     plot: bool = opt(False, "Write frontier/frontier.png and .svg.")
     metric: str | None = opt(None, "Metric to optimise: perplexity or nll (causal-lm), accuracy "
-                                   "or macro_f1 (seq-cls); default: perplexity / accuracy.")
+                                   "or macro_f1 (seq-cls), or an lm-eval column TASK/METRIC "
+                                   "of the profile; default: perplexity / accuracy.")
 
 
 @dataclass
@@ -172,6 +183,9 @@ class ExportConfig:
     seq_len: int | None = opt(None, "Sequence length the budget's FLOPs are counted at "
                                     "(default: the profile's, else 128).")
     force: bool = opt(False, "Replace DEST if it exists and is not empty.")
+    push_to_hub: str | None = opt(None, "Also upload DEST to this Hugging Face Hub model repo "
+                                        "(user/name; created if missing; needs a token, e.g. "
+                                        "from `hf auth login`).")
 
 
 @dataclass

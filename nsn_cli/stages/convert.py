@@ -116,6 +116,10 @@ def convert(cfg: ConvertConfig, on_start: Callable[[int], None] | None = None,
     out = Path(cfg.out_dir)
     with staging_dir(out, replace=cfg.force) as tmp:
         save_model(model, tokenizer, tmp / MODEL_DIR)
+        from nsn_cli.stages.model_card import write_card
+
+        write_card(tmp / MODEL_DIR, {"source": source, "task": task,
+                                     "stages": {"convert": {"config": to_dict(cfg)}}}, "project")
         outputs = folder_records(tmp / MODEL_DIR, tmp)
         allocation = {"method": allocation}
         settings = nested_state(model).settings

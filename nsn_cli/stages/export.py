@@ -59,6 +59,7 @@ class ExportResult:
     params: int
     size_bytes: int
     ranks: dict[str, int]
+    pushed: str | None = None  # the Hub URL, with --push-to-hub
 
 
 def validate(cfg: ExportConfig) -> None:
@@ -74,6 +75,10 @@ def validate(cfg: ExportConfig) -> None:
     project, dest = Path(cfg.project).resolve(), Path(cfg.dest).resolve()
     if dest == project or project.is_relative_to(dest):
         raise UsageError(f"DEST {cfg.dest} would overwrite the project itself; choose another")
+    if cfg.push_to_hub is not None:
+        from nsn_cli.stages.hub import check_repo_id
+
+        check_repo_id(cfg.push_to_hub)
     ensure_empty_target(dest, cfg.force)
 
 
@@ -96,14 +101,39 @@ def export(cfg: ExportConfig) -> ExportResult:
     seq_len = cfg.seq_len or default_seq_len(manifest)
     chosen = apply_setting(model, cfg.budget, cfg.rank_fraction, seq_len)
     dest = Path(cfg.dest)
+    chosen["dense_params"] = dense_params(model)
     with staging_dir(dest, replace=cfg.force) as tmp:
         if cfg.format == "merged":
             params = write_merged(model, tokenizer, tmp, cfg, chosen, manifest)
         else:
             params = write_factored(model, tokenizer, tmp, cfg, chosen, manifest)
     size = sum(p.stat().st_size for p in dest.rglob("*.safetensors"))
+    pushed = None
+    if cfg.push_to_hub:
+        from nsn_cli.stages.hub import push_folder
+
+        pushed = push_folder(dest, cfg.push_to_hub, f"nsn export ({cfg.format})")
     return ExportResult(dest, cfg.format, chosen["flops_fraction"], params, size,
-                        chosen["ranks"])
+                        chosen["ranks"], pushed)
+
+
+def dense_params(model: nn.Module) -> int:
+    """Parameters of the dense original: each nested layer counted as its d_out × d_in."""
+    total = count_params(model)
+    for layer in nested_layers(model).values():
+        total += layer.d_in * layer.d_out - layer.A.numel() - layer.B.numel()
+    return total
+
+
+def card(tmp: Path, cfg: ExportConfig, chosen: dict, manifest: dict, params: int) -> None:
+    """README.md: the Hub model card of the export (see model_card.py)."""
+    from nsn_cli.stages.model_card import write_card
+
+    setting = {"budget": cfg.budget, "rank_fraction": cfg.rank_fraction,
+               "seq_len": chosen["seq_len"], "flops_fraction": chosen["flops_fraction"],
+               "params": params, "params_fraction": params / chosen["dense_params"]}
+    write_card(tmp, manifest, cfg.format, setting, Path(cfg.project),
+               extra={"export": to_dict(cfg)})
 
 
 def provenance(cfg: ExportConfig, chosen: dict, manifest: dict) -> dict:
@@ -126,6 +156,7 @@ def write_merged(model: nn.Module, tokenizer, tmp: Path, cfg: ExportConfig, chos
     merged = merge_layers(model, in_place=True)
     save_model(merged, tokenizer, tmp, plain=True)
     atomic_write_json(tmp / EXPORT_INFO, provenance(cfg, chosen, manifest))
+    card(tmp, cfg, chosen, manifest, count_params(merged))
     return count_params(merged)
 
 
@@ -140,6 +171,7 @@ def write_factored(model: nn.Module, tokenizer, tmp: Path, cfg: ExportConfig, ch
     allocation = truncated_allocation(model, manifest, tmp)
     if allocation:
         out["allocation"] = allocation
+    card(tmp, cfg, chosen, manifest, count_params(model))
     outputs = folder_records(tmp, tmp)
     out["stages"] = {"export": {"config": to_dict(cfg), "outputs": outputs,
                                 "summary": provenance(cfg, chosen, manifest)}}

@@ -31,14 +31,22 @@ ROUNDING = 1e-12
 
 # ---------------------------------------------------------------- pure functions
 
-def metric_for(frame: pd.DataFrame, requested: str | None = None) -> tuple[str, bool]:
-    """(metric column, higher is better): the requested one, else the task's primary."""
+def metric_for(frame: pd.DataFrame, requested: str | None = None,
+               info: dict | None = None) -> tuple[str, bool]:
+    """(metric column, higher is better): the requested one, else the task's primary.
+
+    lm-eval task columns (TASK/METRIC) take their direction from profile.json (`info`),
+    where the profile recorded what lm-eval said.
+    """
+    directions = dict(HIGHER_IS_BETTER)
+    directions.update(((info or {}).get("run", {}).get("lm_eval") or {}).get("higher_is_better",
+                                                                             {}))
     if requested is not None:
-        if requested not in HIGHER_IS_BETTER or requested not in frame.columns:
-            present = [m for m in HIGHER_IS_BETTER if m in frame.columns]
+        if requested not in directions or requested not in frame.columns:
+            present = [m for m in directions if m in frame.columns]
             raise UsageError(f"--metric {requested!r} is not in this profile "
                              f"(it has: {', '.join(present)})")
-        return requested, HIGHER_IS_BETTER[requested]
+        return requested, bool(directions[requested])
     for metric in PRIMARY.values():
         if metric in frame.columns:
             return metric, HIGHER_IS_BETTER[metric]
@@ -138,7 +146,7 @@ def frontier(cfg: FrontierConfig) -> FrontierResult:
 
 def frontier_locked(cfg: FrontierConfig, project: Path, manifest: dict) -> FrontierResult:
     profile, info = read_profile(project)
-    metric, higher = metric_for(profile, cfg.metric)
+    metric, higher = metric_for(profile, cfg.metric, info)
     front = frontier_of(profile, metric, higher)
     nsn = profile[profile["variant"] == "nsn"]
     best = best_within_budget(nsn, cfg.budget, metric, higher) if cfg.budget is not None else None

@@ -116,6 +116,7 @@ def print_export(console, result) -> None:
                          ("FLOPs/token, fraction of dense", f"{result.flops_fraction:.3f}"),
                          ("ranks (min / max)", f"{min(ranks)} / {max(ranks)}"),
                          ("parameters", f"{result.params:,}"),
-                         ("weights file size", f"{result.size_bytes / 1e6:.2f} MB")):
+                         ("weights file size", f"{result.size_bytes / 1e6:.2f} MB"),
+                         *([("uploaded to", result.pushed)] if result.pushed else [])):
         table.add_row(label, value)
     console.print(table)

@@ -21,7 +21,7 @@ from nsn_cli.nested.budget import apply_ranks
 from nsn_cli.project import checkpoint as ckpt
 from nsn_cli.project.files import file_record, folder_records
 from nsn_cli.project.lock import project_lock
-from nsn_cli.project.manifest import MODEL_DIR, mark_unfinished, record_stage
+from nsn_cli.project.manifest import MODEL_DIR, mark_unfinished, read_manifest, record_stage
 from nsn_cli.project.safety import refuse_nonfinite
 from nsn_cli.project.staging import staging_dir
 from nsn_cli.stages.config import FinetuneConfig
@@ -151,6 +151,10 @@ def finalize(trainer: Trainer, logs: dict, callbacks: Callbacks, start: int,
     mark_unfinished(project, "finetune")  # until record_stage: explains a kill in between
     with staging_dir(project / MODEL_DIR) as tmp:
         save_model(trainer.model, inputs.tokenizer, tmp)
+        from nsn_cli.stages.model_card import write_card
+
+        write_card(tmp, read_manifest(project), "project",
+                   extra={"finetune": inputs.resolved})
     summary = build_summary(trainer, final, start, seconds)
     outputs = folder_records(project / MODEL_DIR, project)
     outputs += [file_record(log.path, project) for log in logs.values()]

@@ -15,6 +15,7 @@ from nsn_cli.project.manifest import mark_unfinished, record_stage
 from nsn_cli.project.staging import staging_dir
 from nsn_cli.stages.config import ProfileConfig, to_dict
 from nsn_cli.stages.evaluate import METRICS
+from nsn_cli.stages.lm_eval_tasks import RAW_DIR
 
 SETTING_COLUMNS = ["variant", "budget", "rank_fraction", "mean_rank_fraction", "min_rank",
                    "max_rank", "flops_per_token", "flops_fraction", "flops_counted_per_token",
@@ -54,14 +55,22 @@ def json_safe(value):
 
 
 def write_outputs(project: Path, cfg: ProfileConfig, frame, rows: list[dict], run: dict,
-                  skipped: list[dict], ladder: list[dict]) -> Path:
-    """profile.csv and profile.json, written together; then the run goes into nsn.json."""
+                  skipped: list[dict], ladder: list[dict], harness=None) -> Path:
+    """profile.csv and profile.json (and lm-eval's raw results per point), written
+    together; then the run goes into nsn.json."""
     out = project / "profile"
+    if harness is not None:
+        from nsn_cli.stages.lm_eval_tasks import run_record as lm_eval_record
+
+        run["lm_eval"] = lm_eval_record(harness)
     doc = {"run": run, "columns": list(frame.columns), "skipped": skipped, "ladder": ladder,
            "points": rows}
     mark_unfinished(project, "profile")  # a kill before record_stage explains itself
     with staging_dir(out) as tmp:
         atomic_write_text(tmp / "profile.csv", frame.to_csv(index=False))
         atomic_write_json(tmp / "profile.json", json_safe(doc))
+        for name, results in (harness.raw.items() if harness is not None else ()):
+            (tmp / RAW_DIR).mkdir(exist_ok=True)
+            atomic_write_json(tmp / RAW_DIR / name, json_safe(results))
     record_stage(project, "profile", to_dict(cfg), folder_records(out, project), run)
     return out

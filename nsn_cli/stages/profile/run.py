@@ -28,6 +28,7 @@ from nsn_cli.stages.config import ProfileConfig
 from nsn_cli.project.data import load_task_data, pad_token_id
 from nsn_cli.errors import BudgetError, ProjectError
 from nsn_cli.stages.evaluate import EvalResult, batches, evaluate, label_mapping
+from nsn_cli.stages.lm_eval_tasks import Harness, prepare, raw_name
 from nsn_cli.stages.profile.measure import (activation_peak_bytes, active_weights, counted_flops_per_token,
                       round_robin_times)
 from nsn_cli.stages.profile.setup import (DTYPES, reconvert, resolve_data, resvd,
@@ -57,6 +58,8 @@ class Bench:
     dense_params: int = 0
     dense_latency: float = 0.0
     eval_result: EvalResult | None = None
+    harness: Harness | None = None  # lm-eval tasks scored at every point (--lm-eval-tasks)
+    tokenizer: object = None
 
 
 def measure(model: nn.Module, point: Point, bench: Bench) -> dict:
@@ -108,12 +111,29 @@ class ProfileResult:
     out_dir: Path
 
 
-def make_bench(cfg: ProfileConfig, model: nn.Module, data, tokenizer, task: str, device) -> Bench:
+def make_bench(cfg: ProfileConfig, model: nn.Module, data, tokenizer, task: str, device,
+               harness: Harness | None = None) -> Bench:
     pad_id = pad_token_id(tokenizer)
     return Bench(task, cfg.seq_len, batches(data.eval, cfg.batch_size, pad_id, device),
                  timing_batch(data.eval, cfg.batch_size, cfg.seq_len, pad_id, device),
                  label_mapping(model, data.labels) if task == "seq-cls" else None,
-                 cfg.warmup_passes, cfg.repeats)
+                 cfg.warmup_passes, cfg.repeats, harness=harness, tokenizer=tokenizer)
+
+
+def score_tasks(lm, bench: Bench, row: dict) -> None:
+    """The lm-eval task columns of `row`, when --lm-eval-tasks asked for them."""
+    from nsn_cli.stages.lm_eval_tasks import score
+
+    row.update(score(lm, bench.harness, row, raw_name(row)))
+
+
+def lm_of(model: nn.Module, bench: Bench):
+    """One lm-eval model per nn.Module: its ranks change between points, the wrapper not."""
+    if bench.harness is None:
+        return None
+    from nsn_cli.stages.lm_eval_tasks import lm_for
+
+    return lm_for(model, bench.tokenizer, bench.harness)
 
 
 def measure_dense(model: nn.Module, bench: Bench) -> tuple[nn.Module, dict]:
@@ -123,18 +143,22 @@ def measure_dense(model: nn.Module, bench: Bench) -> tuple[nn.Module, dict]:
     dense = merge_layers(model)
     row = measure(dense, Point("dense", None), bench)
     bench.dense_counted, bench.dense_params = row["flops_counted_per_token"], row["params"]
+    if bench.harness is not None:
+        score_tasks(lm_of(dense, bench), bench, row)
     return dense, row
 
 
 def measure_points(model: nn.Module, points: list[Point], bench: Bench,
                    on_point: Callable[[str], None]) -> list[dict]:
-    rows = []
+    rows, lm = [], lm_of(model, bench)
     for point in points:
         apply_ranks(model, point.ranks)
         label = (f"budget {point.budget:g}" if point.budget is not None
                  else f"rank fraction {point.rank_fraction:g}")
         rows.append(measure(model, point, bench) | {"ranks": dict(point.ranks),
                                                     "also": point.also})
+        if lm is not None:
+            score_tasks(lm, bench, rows[-1])
         on_point(f"{point.variant} {label}")
     return rows
 
@@ -162,6 +186,7 @@ def profile(cfg: ProfileConfig, on_start: Callable[[int], None] = lambda total: 
     validate(cfg)
     project = Path(cfg.project)
     manifest = read_manifest(project)
+    harness = prepare(cfg, manifest["task"])  # a missing extra or task fails before loading
     cfg, seed = resolve_data(cfg, manifest)
     with project_lock(project, "nsn profile"), \
             tempfile.TemporaryDirectory(prefix="nsn-profile-") as scratch:
@@ -170,7 +195,8 @@ def profile(cfg: ProfileConfig, on_start: Callable[[int], None] = lambda total: 
             baseline = project if manifest["task"] == "seq-cls" else \
                 reconvert(manifest, Path(scratch))
         with cpu_threads(cfg.threads):
-            return profile_locked(cfg, seed, project, manifest, baseline, on_start, on_point)
+            return profile_locked(cfg, seed, project, manifest, baseline, on_start, on_point,
+                                  harness)
 
 
 @contextlib.contextmanager
@@ -186,7 +212,8 @@ def cpu_threads(count: int | None):
 
 
 def profile_locked(cfg: ProfileConfig, seed: int, project: Path, manifest: dict,
-                   baseline: Path | None, on_start, on_point) -> ProfileResult:
+                   baseline: Path | None, on_start, on_point,
+                   harness: Harness | None = None) -> ProfileResult:
     import pandas as pd
 
     from nsn_cli.project.loading import load
@@ -200,7 +227,7 @@ def profile_locked(cfg: ProfileConfig, seed: int, project: Path, manifest: dict,
     task = manifest["task"]
     data = load_task_data(cfg.data_spec(seed), tokenizer, task, cfg.seq_len,
                           vocab_size=model.get_input_embeddings().num_embeddings)
-    bench = make_bench(cfg, model, data, tokenizer, task, device)
+    bench = make_bench(cfg, model, data, tokenizer, task, device, harness)
     points, skipped = plan_points(model, "nsn", budgets, cfg.rank_fractions, cfg.seq_len)
     if not points:
         raise BudgetError(f"no requested setting is measurable: {skipped[0]['reason']}")
@@ -219,13 +246,14 @@ def profile_locked(cfg: ProfileConfig, seed: int, project: Path, manifest: dict,
         if baseline == project:
             resvd(base_model)
         rows += measure_baseline(base_model, dense, cfg, bench, skipped, on_point)
-    frame = pd.DataFrame([{k: r.get(k) for k in columns_for(task)} for r in rows],
-                         columns=columns_for(task)).astype(COLUMN_TYPES)
+    columns = columns_for(task) + (harness.columns if harness else [])
+    frame = pd.DataFrame([{k: r.get(k) for k in columns} for r in rows],
+                         columns=columns).astype(COLUMN_TYPES)
     run = run_record(cfg, device, bench, len(frame), skipped)
     run["baseline"] = None if not baseline else (
         "plain truncated SVD of the project's full-rank weights" if baseline == project
         else "untrained truncated SVD of the source model")
-    out = write_outputs(project, cfg, frame, rows, run, skipped, ladder)
+    out = write_outputs(project, cfg, frame, rows, run, skipped, ladder, harness)
     return ProfileResult(frame, run, skipped, out)
 
 
