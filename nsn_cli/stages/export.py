@@ -22,6 +22,7 @@ from nsn_cli.nested.budget import DEFAULT_SEQ_LEN, cost_table, set_budget, set_r
 from nsn_cli.stages.config import ExportConfig, to_dict
 from nsn_cli.errors import UsageError
 from nsn_cli.nested.state import nested_state
+from nsn_cli.nested.surgery import nested_layers
 from nsn_cli.nested.transforms import merge_layers, truncate_layers
 from nsn_cli.project.manifest import MODEL_DIR, read_manifest, write_manifest
 from nsn_cli.project.files import atomic_write_json, folder_records

@@ -142,8 +142,7 @@ def eval_results(rows: list[dict], info: dict, setting: dict, name: str) -> list
         if match[0].get(column) is not None:
             out.append(EvalResult(task_type=PIPELINE["causal-lm"], dataset_type=task,
                                   dataset_name=task, metric_type=metric,
-                                  metric_value=float(match[0][column]),
-                                  source_name="lm-evaluation-harness (nsn profile)"))
+                                  metric_value=float(match[0][column])))
     return out
 
 

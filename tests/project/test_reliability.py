@@ -65,7 +65,7 @@ def test_verify_passes_on_a_good_project(project):
     assert result.exit_code == 0, result.output
     assert WEIGHTS in result.output and "ok" in result.output
     recorded = {c.path for c in verify_project(project).files}
-    assert recorded == {"model/config.json", "model/generation_config.json", WEIGHTS,
+    assert recorded == {"model/README.md", "model/config.json", "model/generation_config.json", WEIGHTS,
                         "model/tokenizer.json", "model/tokenizer_config.json"}
 
 

@@ -22,7 +22,7 @@ def test_project_layout_and_manifest(converted):
     project = converted["gpt2"]
     assert sorted(p.name for p in project.iterdir()) == ["model", "nsn.json"]
     assert sorted(p.name for p in (project / "model").iterdir()) == [
-        "config.json", "generation_config.json", "nsn.safetensors",
+        "README.md", "config.json", "generation_config.json", "nsn.safetensors",
         "tokenizer.json", "tokenizer_config.json"]
     manifest = json.loads((project / "nsn.json").read_text())
     assert manifest["schema_version"] == SCHEMA_VERSION and manifest["task"] == "causal-lm"

@@ -58,7 +58,7 @@ def profiled(converted, tmp_path_factory) -> Path:
     project = tmp_path_factory.mktemp("lm-eval") / "gpt2"
     shutil.copytree(converted["gpt2"], project)
     profile(ProfileConfig(project=str(project), data=str(TINY_TEXT), seq_len=SEQ_LEN,
-                          budgets=[BUDGET, 1.0], batch_size=4, repeats=1, warmup=0,
+                          budgets=[BUDGET, 1.0], batch_size=4, repeats=1, warmup_passes=0,
                           max_samples=4, lm_eval_tasks=TASKS,
                           lm_eval_include=str(INCLUDE)))
     return project
@@ -162,6 +162,22 @@ def test_entry_point_declared_in_pyproject_resolves_to_the_model_type():
     extras = doc["project"]["optional-dependencies"]
     assert any(d.startswith("lm-eval[hf]") for d in extras["lm-eval"])
     assert any(d.startswith("lm-eval[hf]") for d in extras["dev"])
+
+
+def test_export_card_carries_the_lm_eval_scores_of_its_budget(profiled, tmp_path):
+    from huggingface_hub import ModelCard
+
+    from nsn_cli.stages.config import ExportConfig
+    from nsn_cli.stages.export import export
+
+    dest = tmp_path / "merged"
+    export(ExportConfig(project=str(profiled), dest=str(dest), budget=BUDGET, format="merged",
+                        seq_len=SEQ_LEN))
+    card = ModelCard.load(dest / "README.md")
+    row = rows(profiled)[lambda f: f["budget"] == BUDGET].iloc[0]
+    scores = {f"{r.dataset_type}/{r.metric_type}": r.metric_value for r in card.data.eval_results}
+    assert scores == pytest.approx({c: row[c] for c in COLUMNS})
+    assert "tiny_mc/acc" in card.text  # the frontier table has the lm-eval columns
 
 
 # ---------------------------------------------------------------- bad input, one line

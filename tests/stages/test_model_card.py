@@ -31,7 +31,7 @@ def exports(converted, tmp_path_factory) -> dict[str, Path]:
     project = root / "gpt2"
     shutil.copytree(converted["gpt2"], project)
     profile(ProfileConfig(project=str(project), data=str(TINY_TEXT), seq_len=SEQ_LEN,
-                          budgets=[0.6, 1.0], batch_size=4, repeats=1, warmup=0, max_samples=4))
+                          budgets=[0.6, 1.0], batch_size=4, repeats=1, warmup_passes=0, max_samples=4))
     out = {"project": project}
     for fmt in ("merged", "factored"):
         out[fmt] = root / fmt
