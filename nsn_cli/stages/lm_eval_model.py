@@ -59,7 +59,8 @@ class NsnLM(HFLM):
         from nsn_cli.project.loading import load
         from nsn_cli.project.manifest import read_manifest
         from nsn_cli.stages.export import default_seq_len
-        from nsn_cli.stages.profile.setup import DTYPES, resolve_device
+        from nsn_cli.stages.profile.setup import DTYPES
+        from nsn_cli.stages.runtime import resolve_device
 
         if dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
