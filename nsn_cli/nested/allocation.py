@@ -27,7 +27,7 @@ from torch import nn
 
 from nsn_cli.errors import ProjectError, UsageError
 from nsn_cli.nested.budget import DEFAULT_SEQ_LEN, cost_table, settings_for
-from nsn_cli.nested.layer import NestedLinear
+from nsn_cli.nested.layer import NestedLinear, evaluating
 from nsn_cli.nested.settings import UniformSettings, highest_within, ranks_for_fraction
 from nsn_cli.nested.state import nested_state
 from nsn_cli.nested.surgery import nested_layers
@@ -166,28 +166,23 @@ def layer_sensitivity(model: nn.Module, batches: list[dict], energies: dict[str,
     layer; the result scales that layer's shares in `global_order`.
     """
     layers = nested_layers(model)
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            reference = [final_hidden(model, b) for b in batches]
-            scale = sum(float((h * h).sum()) for h in reference)
-            weights = {}
-            for name, layer in layers.items():
-                rank = max(1, int(keep * layer.max_rank))
-                share = energies[name] / energies[name].sum().clamp_min(1e-300)
-                lost = float(share[rank:].sum())
-                if lost <= 0:
-                    weights[name] = 1.0
-                    continue
-                top = layer.rank
-                layer.set_rank(rank)
-                moved = sum(float(((final_hidden(model, b) - h) ** 2).sum())
-                            for b, h in zip(batches, reference))
-                layer.set_rank(top)
-                weights[name] = moved / max(scale, 1e-300) / lost
-    finally:
-        model.train(was_training)
+    with evaluating(model):
+        reference = [final_hidden(model, b) for b in batches]
+        scale = sum(float((h * h).sum()) for h in reference)
+        weights = {}
+        for name, layer in layers.items():
+            rank = max(1, int(keep * layer.max_rank))
+            share = energies[name] / energies[name].sum().clamp_min(1e-300)
+            lost = float(share[rank:].sum())
+            if lost <= 0:
+                weights[name] = 1.0
+                continue
+            top = layer.rank
+            layer.set_rank(rank)
+            moved = sum(float(((final_hidden(model, b) - h) ** 2).sum())
+                        for b, h in zip(batches, reference))
+            layer.set_rank(top)
+            weights[name] = moved / max(scale, 1e-300) / lost
     positive = [w for w in weights.values() if w > 0]
     floor = min(positive) if positive else 1.0
     return {n: max(w, floor * 1e-3) for n, w in weights.items()}

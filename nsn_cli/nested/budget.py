@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from nsn_cli.errors import BudgetError, UsageError
-from nsn_cli.nested.layer import NestedLinear, transient
+from nsn_cli.nested.layer import NestedLinear, evaluating, transient
 from nsn_cli.nested.settings import (SettingsFamily, UniformSettings, highest_within,
                                      ranks_for_fraction)
 from nsn_cli.nested.state import nested_state
@@ -44,11 +44,15 @@ class CostTable:
     def attention_flops(self, seq_len: int) -> float:
         return 4.0 * seq_len * self.attention_width
 
+    def fixed_flops(self, seq_len: int = DEFAULT_SEQ_LEN) -> float:
+        """FLOPs per token that no rank changes: attention and the layers not nested."""
+        return self.attention_flops(seq_len) + sum(
+            2 * d_in * d_out / (seq_len if per_seq else 1)
+            for d_in, d_out, per_seq in self.dense.values())
+
     def dense_flops(self, seq_len: int = DEFAULT_SEQ_LEN) -> float:
         """FLOPs per token of the original model (every nested layer dense)."""
-        total = self.attention_flops(seq_len)
-        for d_in, d_out, per_seq in self.dense.values():
-            total += 2 * d_in * d_out / (seq_len if per_seq else 1)
+        total = self.fixed_flops(seq_len)
         for name, per_seq in self.nested.items():
             layer = self.layers[name]
             total += 2 * layer.d_in * layer.d_out / (seq_len if per_seq else 1)
@@ -56,9 +60,7 @@ class CostTable:
 
     def flops(self, ranks: dict[str, int] | None = None, seq_len: int = DEFAULT_SEQ_LEN) -> float:
         """FLOPs per token with the given ranks (default: the active ones)."""
-        total = self.attention_flops(seq_len)
-        for d_in, d_out, per_seq in self.dense.values():
-            total += 2 * d_in * d_out / (seq_len if per_seq else 1)
+        total = self.fixed_flops(seq_len)
         for name, per_seq in self.nested.items():
             layer = self.layers[name]
             rank = layer.rank if ranks is None else ranks[name]
@@ -118,13 +120,10 @@ def probe_rows(model: nn.Module) -> dict[str, int]:
     device = next(model.parameters()).device
     vocab = getattr(model.config, "vocab_size", 2) or 2
     ids = torch.arange(PROBE_LEN, device=device).remainder(vocab).unsqueeze(0)
-    was_training = model.training
     try:
-        model.eval()
-        with torch.no_grad(), transient():  # no merged copies made for 8 tokens
+        with evaluating(model), transient():  # no merged copies made for 8 tokens
             model(input_ids=ids, attention_mask=torch.ones_like(ids))
     finally:
-        model.train(was_training)
         for handle in hooks:
             handle.remove()
     return {n: r for n, r in rows.items() if r in (1, PROBE_LEN)}

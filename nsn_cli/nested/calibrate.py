@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from nsn_cli.errors import DataError, UsageError
+from nsn_cli.nested.layer import evaluating
 from nsn_cli.nested.surgery import candidate_layers, dense_weight
 
 MAX_BYTES = 4 << 30  # second moments held at once before splitting into several passes
@@ -109,17 +110,14 @@ def accumulate_group(model: nn.Module, layers: dict[str, nn.Module],
 
     handles = [m.register_forward_hook(lambda mod, a, o, n=n: hook(mod, a, o, n))
                for n, m in layers.items()]
-    was_training = model.training
-    model.eval()
     try:
-        with torch.no_grad():
+        with evaluating(model):
             for batch in batches():
                 state["mask"], state["last"] = batch.get("attention_mask"), None
                 model(**{k: v for k, v in batch.items() if k in ("input_ids", "attention_mask")})
                 if on_batch is not None:
                     on_batch()
     finally:
-        model.train(was_training)
         for handle in handles:
             handle.remove()
 

@@ -44,6 +44,19 @@ def transient():
         _TRANSIENT.active = previous
 
 
+@contextlib.contextmanager
+def evaluating(model: nn.Module):
+    """Eval mode without gradients for the block, then the model's own mode back: how
+    probes and measurements run a model that may be in the middle of training."""
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            yield model
+    finally:
+        model.train(was_training)
+
+
 def release_caches(model: nn.Module) -> None:
     """Free the merged and transposed matrices cached for inference (rebuilt on demand)."""
     for module in model.modules():

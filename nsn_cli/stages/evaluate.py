@@ -23,6 +23,7 @@ from torch import nn
 
 from nsn_cli.project.data import pad_batch
 from nsn_cli.errors import DataError
+from nsn_cli.nested.layer import evaluating
 
 METRICS = {"causal-lm": ("perplexity", "nll"), "seq-cls": ("accuracy", "macro_f1")}
 # The metric a frontier is drawn for, and whether more of it is better.
@@ -52,18 +53,13 @@ def forward_kwargs(task: str) -> dict:
     return {"use_cache": False} if task == "causal-lm" else {}
 
 
-@torch.no_grad()
 def evaluate(model: nn.Module, batch_list: list[dict], task: str,
              label_map: torch.Tensor | None = None) -> EvalResult:
     """Evaluate `model` on pre-built batches; `label_map` maps data label ids to model ids."""
-    was_training = model.training
-    model.eval()
-    try:
+    with evaluating(model):
         if task == "causal-lm":
             return causal_lm_metrics(model, batch_list)
         return classification_metrics(model, batch_list, label_map)
-    finally:
-        model.train(was_training)
 
 
 def causal_lm_metrics(model: nn.Module, batch_list: list[dict]) -> EvalResult:

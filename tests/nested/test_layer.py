@@ -103,3 +103,21 @@ def test_rank_out_of_range_refused():
         nested.set_rank(0)
     with pytest.raises(ValueError):
         nested.set_rank(17)
+
+
+def test_evaluating_runs_without_grad_in_eval_mode_and_restores_the_mode():
+    """One helper for probes, calibration, sensitivity and evaluation (was four copies)."""
+    from nsn_cli.nested.layer import evaluating
+
+    model = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Dropout(0.5)).train()
+    with evaluating(model):
+        assert not model.training and not model[1].training
+        assert not torch.is_grad_enabled()
+    assert model.training and model[1].training and torch.is_grad_enabled()
+    with pytest.raises(RuntimeError), evaluating(model):
+        raise RuntimeError("a probe failed")
+    assert model.training  # restored even when the block raised
+    model.eval()
+    with evaluating(model):
+        pass
+    assert not model.training  # a model that was in eval mode stays there
