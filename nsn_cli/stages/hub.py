@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from nsn_cli.errors import ModelError, UsageError
+from nsn_cli.errors import ModelError, UsageError, first_line
 
 
 def check_repo_id(repo_id: str) -> None:
@@ -28,7 +28,7 @@ def push_folder(folder: Path, repo_id: str, message: str) -> str:
         api.upload_folder(repo_id=repo_id, repo_type="model", folder_path=str(folder),
                           commit_message=message)
     except Exception as exc:  # noqa: BLE001 - HTTP, auth, offline: one line, export kept
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        first = first_line(exc)
         raise ModelError(f"upload to {repo_id} failed ({first}); the export in {folder} "
                          "is complete, retry with `hf upload`") from None
     return str(getattr(repo, "url", None) or f"https://huggingface.co/{repo_id}")
