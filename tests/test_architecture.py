@@ -71,3 +71,15 @@ def test_top_level_help_answers_without_torch():
     lines = out.stdout.split("\n")
     assert "convert" in out.stdout and "profile" in out.stdout  # it printed the commands
     assert lines[-2].split() == ["0", "False"]
+
+
+@pytest.mark.parametrize("spelling, home", [
+    ("splitlines()[0]", "nsn_cli/errors.py"),  # errors.first_line (empty messages!)
+    ("_nsn_", "nsn_cli/nested/state.py"),  # the one NestedState, through nested_state()
+    ("was_training", "nsn_cli/nested/layer.py"),  # nested.layer.evaluating
+])
+def test_concepts_defined_once_are_not_spelled_again(spelling, home):
+    """A new copy of one of these drifts from the original, as the old copies did."""
+    found = [str(p.relative_to(REPO)) for p in modules()
+             if spelling in p.read_text(encoding="utf-8")]
+    assert found == [home]
