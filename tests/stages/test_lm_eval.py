@@ -49,18 +49,23 @@ def simple(lm) -> dict:
                            batch_size=4)
 
 
+PRINTED = {}  # what `nsn profile` printed in the fixture
+
+
 @pytest.fixture(scope="module")
 def profiled(converted, tmp_path_factory) -> Path:
-    """The tiny GPT-2 project profiled at two budgets with both lm-eval tasks."""
-    from nsn_cli.stages.config import ProfileConfig
-    from nsn_cli.stages.profile.run import profile
+    """The tiny GPT-2 project profiled (through the CLI) at two budgets with both tasks."""
+    from nsn_cli.cli.app import app
 
     project = tmp_path_factory.mktemp("lm-eval") / "gpt2"
     shutil.copytree(converted["gpt2"], project)
-    profile(ProfileConfig(project=str(project), data=str(TINY_TEXT), seq_len=SEQ_LEN,
-                          budgets=[BUDGET, 1.0], batch_size=4, repeats=1, warmup_passes=0,
-                          max_samples=4, lm_eval_tasks=TASKS,
-                          lm_eval_include=str(INCLUDE)))
+    result = runner.invoke(app, [
+        "profile", str(project), "--data", str(TINY_TEXT), "--seq-len", str(SEQ_LEN),
+        "--budgets", f"{BUDGET},1.0", "--batch-size", "4", "--repeats", "1",
+        "--warmup-passes", "0", "--max-samples", "4", "--lm-eval-tasks", TASKS,
+        "--lm-eval-include", str(INCLUDE)], env={"COLUMNS": "250"})  # headers unwrapped
+    assert result.exit_code == 0, result.output
+    PRINTED["profile"] = result.stdout
     return project
 
 
@@ -75,6 +80,11 @@ def test_profile_has_a_column_per_task_metric_with_its_direction(profiled):
     assert info["run"]["lm_eval"]["higher_is_better"] == COLUMNS
     assert list(frame["variant"]) == ["dense", "nsn", "nsn"]
     assert frame[list(COLUMNS)].notna().all().all()
+
+
+def test_profile_prints_the_task_columns_with_their_direction(profiled):
+    printed = PRINTED["profile"]
+    assert "tiny_mc/acc ↑" in printed and "tiny_ppl/word_perplexity ↓" in printed
 
 
 def test_full_budget_row_equals_lm_eval_on_the_dense_source_model(profiled, tiny_models):
@@ -217,7 +227,7 @@ def test_unknown_task_is_one_line_before_any_model_loads(converted, tmp_path, mo
     shutil.copytree(converted["gpt2"], project)
     before = snapshot(project)
     result = runner.invoke(app, ["profile", str(project), "--lm-eval-tasks", "tiny_mc,tiny_nope",
-                                 "--lm-eval-include", str(INCLUDE)])
+                                 "--lm-eval-include", str(INCLUDE)], env={"COLUMNS": "250"})  # headers unwrapped
     assert result.exit_code == 2 and result.stderr.count("\n") == 1
     assert "'tiny_nope'" in result.stderr and "tiny_mc'" not in result.stderr
     assert snapshot(project) == before

@@ -80,13 +80,22 @@ def print_profile(console, result) -> None:
     console.print(rich_table(result.frame, columns,
                              f"nsn profile: {run['samples']} held-out {unit}, {run['device']}, "
                              f"{run['dtype']}, batch {run['batch_size']}×{run['seq_len']}"))
+    lm_eval = run.get("lm_eval")
+    if lm_eval:  # one column per task metric, arrow: which way is better
+        console.print(rich_table(result.frame.rename(columns={
+            c: f"{c} {'↑' if up else '↓'}" for c, up in lm_eval["higher_is_better"].items()}),
+            ["flops_fraction", *(f"{c} {'↑' if up else '↓'}"
+                                 for c, up in lm_eval["higher_is_better"].items())],
+            f"lm-eval {lm_eval['lm_eval_version']}: {', '.join(lm_eval['tasks'])}"))
     below = [s["budget"] for s in result.skipped if s["variant"] == "nsn"]
     if below:
         floor = next(s["floor"] for s in result.skipped if s["variant"] == "nsn")
         console.print(f"Skipped budgets {', '.join(f'{b:g}' for b in below)}: below this "
                       f"model's floor of {floor:.3f} of dense FLOPs/token at seq_len "
                       f"{run['seq_len']}.")
-    console.print(f"Wrote {result.out_dir / 'profile.csv'} and profile.json", soft_wrap=True)
+    raw = " and lm-eval's results per point in lm_eval/" if lm_eval else ""
+    console.print(f"Wrote {result.out_dir / 'profile.csv'} and profile.json{raw}",
+                  soft_wrap=True)
 
 
 def print_frontier(console, result, project: str) -> None:
