@@ -136,6 +136,7 @@ def test_frontier_on_an_lm_eval_metric_knows_its_direction(profiled, tmp_path):
     assert values == sorted(values, reverse=True)  # cheaper points have worse perplexity
 
 
+@pytest.mark.slow  # the CLI tests below check the same through lm-eval's command line
 def test_nsn_model_type_scores_like_the_profile_at_that_budget(profiled):
     """lm-eval's registry resolves `nsn`, and the adapter at the budget gives the profile's
     numbers and records the setting in lm-eval's results."""
