@@ -1,4 +1,11 @@
-"""Errors nsn knows how to explain. The CLI prints them as one line and exits non-zero."""
+"""Errors nsn knows how to explain. The CLI prints them as one line and exits non-zero.
+
+Exit codes: 0 done; 1 an error (NsnError, or anything unexpected); 2 a usage error (a
+flag, path, value or recipe that cannot be used); 3 the work ran fine but an
+expectation failed (`nsn run`, `nsn check`: see docs/ci.md); 130 interrupted.
+"""
+
+EXPECTATIONS_FAILED = 3
 
 
 class NsnError(Exception):

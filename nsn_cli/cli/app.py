@@ -19,8 +19,9 @@ from typer.core import TyperGroup
 from typer.exceptions import Abort, TyperException
 
 from nsn_cli.cli.options import options_from
-from nsn_cli.stages.config import (ConvertConfig, ExportConfig, FinetuneConfig, FrontierConfig,
-                                   InfoConfig, ProfileConfig, RunConfig, VerifyConfig)
+from nsn_cli.stages.config import (CheckConfig, ConvertConfig, ExportConfig, FinetuneConfig,
+                                   FrontierConfig, InfoConfig, ProfileConfig, RunConfig,
+                                   VerifyConfig)
 
 
 class OneLineUsageErrors(TyperGroup):
@@ -193,7 +194,9 @@ def export(cfg: ExportConfig):
 @friendly_errors
 @options_from(RunConfig, arguments=("recipe", "project"))
 def run(cfg: RunConfig):
-    """Run a recipe end to end: convert → finetune → profile → frontier (resumable)."""
+    """Run a recipe end to end: convert → finetune → profile → frontier (resumable), then
+    check its expectations (exit 3 when one fails)."""
+    from nsn_cli.cli import expectations
     from nsn_cli.cli.pipeline import STAGE_FUNCTIONS
     from nsn_cli.cli.recipe import check_model, load_recipe
     from nsn_cli.cli.render import run as show
@@ -207,9 +210,24 @@ def run(cfg: RunConfig):
     target = Path(cfg.project) if cfg.project else contained_path(
         Path("runs"), loaded.name, recipe, error=UsageError)
     check_model(loaded)  # a missing model fails before any work starts
+    junit = Path(cfg.junit) if cfg.junit else None
+    expectations.check_junit_target(junit)
     result = run_recipe(loaded, target, STAGE_FUNCTIONS, force=cfg.force,
                         on_stage=show.stage_banner(console(stderr=True)))
     show.run_summary(console(), result)
+    raise typer.Exit(expectations.report(console(), loaded, target, junit))
+
+
+@app.command()
+@friendly_errors
+@options_from(CheckConfig, arguments=("project",))
+def check(cfg: CheckConfig):
+    """Hold a project's frontier to its recipe's expectations (exit 3 when one fails)."""
+    from nsn_cli.cli import expectations
+
+    raise typer.Exit(expectations.check(console(), Path(cfg.project),
+                                        Path(cfg.recipe) if cfg.recipe else None,
+                                        Path(cfg.junit) if cfg.junit else None))
 
 
 def main() -> None:

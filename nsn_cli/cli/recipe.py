@@ -13,6 +13,11 @@ and the key.
     targets = "all"
     [finetune]
     steps = 200
+
+    [[expect]]                # checked at the end of `nsn run` and by `nsn check`
+    metric = "accuracy"
+    budget = 0.5
+    min = 0.85
 """
 
 from __future__ import annotations
@@ -22,13 +27,15 @@ import re
 import tomllib
 import types
 import typing
-from dataclasses import MISSING, dataclass, fields
+from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
 
 from nsn_cli.stages.config import STAGE_CONFIGS
 from nsn_cli.errors import UsageError, first_line
+from nsn_cli.stages.expectations import ExpectationError, parse_expectations
 
 STAGES = ("convert", "finetune", "profile", "frontier")
+EXPECT = "expect"  # the [[expect]] tables: not a stage, so never part of a stage's hash
 TOP_LEVEL = {"name": str, "description": str, "model": str, "task": str, "data": str}
 # Filled in by `nsn run` itself, never by a recipe.
 RUNNER_KEYS = {"out_dir", "project", "force", "dry_run", "resume"}
@@ -45,22 +52,32 @@ class Recipe:
     text: str
     name: str
     stages: dict[str, dict]  # stage -> resolved keyword arguments for its config
+    expectations: list = field(default_factory=list)  # Threshold / Baseline, in order
 
     @property
     def sha256(self) -> str:
         return hashlib.sha256(self.text.encode("utf-8")).hexdigest()
 
 
-def line_of(text: str, table: str | None, key: str) -> int | None:
-    """The line where `key` is set inside `[table]` (None: the top level)."""
-    current = None
+def line_of(text: str, table: str | None, key: str | None, index: int | None = None
+            ) -> int | None:
+    """The line where `key` is set inside `[table]` (None: the top level), or inside the
+    index-th `[[table]]` (then key None: that table's header line)."""
+    current, seen, header_line = None, -1, None
     for number, line in enumerate(text.splitlines(), start=1):
-        header = re.match(r"\s*\[([^\[\]]+)\]\s*(#.*)?$", line)
+        header = re.match(r"\s*(\[\[?)\s*([^\[\]]+?)\s*\]\]?\s*(#.*)?$", line)
         if header:
-            current = header.group(1).strip()
-        elif current == table and re.match(rf"\s*{re.escape(key)}\s*=", line):
+            array = header.group(1) == "[["
+            current = f"[[{header.group(2)}]]" if array else header.group(2)
+            if array and header.group(2) == table:
+                seen += 1
+                header_line = number if seen == index else header_line
+            continue
+        inside = current == table if index is None else (current == f"[[{table}]]"
+                                                           and seen == index)
+        if inside and key is not None and re.match(rf"\s*{re.escape(key)}\s*=", line):
             return number
-    return None
+    return header_line if index is not None else None
 
 
 def fail(path: Path, text: str, table: str | None, key: str, message: str):
@@ -130,7 +147,25 @@ def load_recipe(path, overrides: typing.Sequence[str] = ()) -> Recipe:
         apply_override(raw, override)
     stages = resolve(path, text, raw)
     anchor_paths(stages, path.parent)
-    return Recipe(path, text, str(raw.get("name") or path.stem), stages)
+    expectations = resolve_expectations(path, text, raw)
+    return Recipe(path, text, str(raw.get("name") or path.stem), stages, expectations)
+
+
+def resolve_expectations(path: Path, text: str, raw: dict) -> list:
+    """The [[expect]] tables, checked now: a typo fails before any work, with its line."""
+    if EXPECT not in raw:
+        return []
+    task = raw.get("task") if isinstance(raw.get("task"), str) else None
+    try:
+        return parse_expectations(raw[EXPECT], task, path.parent)
+    except ExpectationError as exc:
+        at = exc.index >= 0
+        line = (line_of(text, EXPECT, exc.key, exc.index) if at else None) or \
+            line_of(text, None, EXPECT)  # an inline array: the line of `expect =`
+        where = f"{path}:{line}" if line else str(path)
+        label = f"{EXPECT}[{exc.index}]" if at else EXPECT
+        label += f".{exc.key}" if at and exc.key else ""
+        raise UsageError(f"{where}: {label}: {exc}") from None
 
 
 PATH_KEYS = {("convert", "model"), ("convert", "calib"), ("finetune", "data"), ("profile", "data")}
@@ -147,6 +182,8 @@ def anchor_paths(stages: dict[str, dict], base: Path) -> None:
 def resolve(path: Path, text: str, raw: dict) -> dict[str, dict]:
     stages: dict[str, dict] = {s: {} for s in STAGES if s in STAGE_CONFIGS}
     for key, value in raw.items():
+        if key == EXPECT:
+            continue  # resolve_expectations
         if isinstance(value, dict):
             if key not in stages:
                 fail(path, text, None, key, f"unknown stage table [{key}] "

@@ -244,6 +244,17 @@ class RunConfig:
     overrides: list[str] = opt([], "Override a recipe value, e.g. --set finetune.steps=200 "
                                    "(repeatable).", flags=("--set",))
     force: bool = opt(False, "Replace PROJECT if it is not an nsn project.")
+    junit: str | None = opt(None, "Also write the recipe's expectations as JUnit XML (one "
+                                  "testcase each) to this file.")
+
+
+@dataclass
+class CheckConfig:
+    project: str = opt(None, "Project directory (made by nsn run).")
+    recipe: str | None = opt(None, "Recipe whose [[expect]] tables to check (default: the one "
+                                   "nsn.json records).")
+    junit: str | None = opt(None, "Also write JUnit XML (one testcase per expectation) to "
+                                  "this file.")
 
 
 STAGE_CONFIGS = {"convert": ConvertConfig, "finetune": FinetuneConfig}
