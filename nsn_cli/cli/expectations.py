@@ -74,7 +74,10 @@ def stale_stages(recipe: Recipe, project: Path) -> list[str]:
 def check(console: Console, project: Path, recipe_path: Path | None,
           junit: Path | None) -> int:
     """`nsn check DIR [--recipe R] [--junit FILE]`."""
+    from nsn_cli.project.manifest import read_manifest
+
     check_junit_target(junit)
+    read_manifest(project)  # not a project: say so before anything about the recipe
     recipe = recipe_for(project, recipe_path)
     stale = stale_stages(recipe, project)
     if stale:

@@ -80,9 +80,12 @@ class Baseline:
 # ---------------------------------------------------------------- parsing
 
 def known_metrics(task: str | None) -> list[str]:
-    """The columns a threshold may name for this task (all tasks' when it is unknown)."""
+    """The columns a threshold may name for this task (all tasks' when it is unknown):
+    its metrics, any other metric registered in HIGHER_IS_BETTER, the cost columns."""
     tasks = [task] if task in METRICS else list(METRICS)
-    return [m for t in tasks for m in METRICS[t]] + list(COST_METRICS)
+    own = [m for t in tasks for m in METRICS[t]]
+    tasked = {m for names in METRICS.values() for m in names}
+    return own + [m for m in HIGHER_IS_BETTER if m not in tasked] + list(COST_METRICS)
 
 
 def parse_expectations(entries, task: str | None, base: Path) -> list:
