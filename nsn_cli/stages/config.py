@@ -245,16 +245,16 @@ class RunConfig:
                                    "(repeatable).", flags=("--set",))
     force: bool = opt(False, "Replace PROJECT if it is not an nsn project.")
     junit: str | None = opt(None, "Also write the recipe's expectations as JUnit XML (one "
-                                  "testcase each) to this file.")
+                                  "testcase each) to this file.", metavar="FILE")
 
 
 @dataclass
 class CheckConfig:
     project: str = opt(None, "Project directory (made by nsn run).")
-    recipe: str | None = opt(None, "Recipe whose [[expect]] tables to check (default: the one "
-                                   "nsn.json records).")
+    recipe: str | None = opt(None, "Recipe whose expectations to check (default: the one "
+                                   "nsn.json records).", metavar="RECIPE")
     junit: str | None = opt(None, "Also write JUnit XML (one testcase per expectation) to "
-                                  "this file.")
+                                  "this file.", metavar="FILE")
 
 
 STAGE_CONFIGS = {"convert": ConvertConfig, "finetune": FinetuneConfig}

@@ -30,8 +30,8 @@ def config_of(name: str):
 
 
 def test_every_command_is_generated_from_a_config():
-    assert COMMANDS == ["convert", "export", "finetune", "frontier", "info", "profile", "run",
-                        "verify"]
+    assert COMMANDS == ["check", "convert", "export", "finetune", "frontier", "info", "profile",
+                        "run", "verify"]
     for name in COMMANDS:
         assert config_of(name) is not None
 

@@ -16,7 +16,7 @@ def row_of(outcome) -> list[str]:
     exp = outcome.expectation
     result = "[green]pass[/]" if outcome.passed else "[bold red]FAIL[/]"
     if isinstance(exp, Baseline):
-        worst = "-" if outcome.value is None else f"{cell(outcome.value)} worse"
+        worst = "-" if outcome.value is None else f"max loss {cell(outcome.value)}"
         return [exp.name, "all", worst, f"≤ {exp.tolerance:g}", result, outcome.detail]
     point = outcome.point or {}
     at = "-" if point.get("flops_fraction") is None else f"{point['flops_fraction']:.3f}"
