@@ -24,7 +24,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from nsn_cli.errors import BudgetError, ProjectError, UsageError
+from nsn_cli.errors import BudgetError, ProjectError, UsageError, first_line
 from nsn_cli.stages.evaluate import HIGHER_IS_BETTER, METRICS
 from nsn_cli.stages.frontier import COST, best_within_budget
 
@@ -160,7 +160,7 @@ def read_frontier(path: Path) -> dict:
     try:
         doc = json.loads(path.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError, OSError) as exc:
-        raise ProjectError(f"{path} is not a frontier.json: {str(exc).splitlines()[0]}") from None
+        raise ProjectError(f"{path} is not a frontier.json: {first_line(exc)}") from None
     points = doc.get("points") if isinstance(doc, dict) else None
     if not (isinstance(points, list) and all(isinstance(p, dict) and COST in p for p in points)
             and isinstance(doc.get("metric"), str)
