@@ -25,13 +25,14 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import torch  # noqa: E402
 
-FAMILIES = ("gpt2", "bert", "llama")
+FAMILIES = ("gpt2", "bert", "llama", "llama-1b")
 
 
 # ---------------------------------------------------------------- models
 
 def real_config(family: str):
-    """Published shapes: GPT-2 small (124M), BERT-base, and a Llama shape of ~100M."""
+    """Published shapes: GPT-2 small (124M), BERT-base, a Llama shape of ~100M, and
+    Llama-3.2-1B's (1.24B: 16 × 2048, intermediate 8192, GQA 32/8, vocab 128256, tied)."""
     from transformers import BertConfig, GPT2Config, LlamaConfig
 
     if family == "gpt2":
@@ -42,11 +43,16 @@ def real_config(family: str):
         return LlamaConfig(hidden_size=768, intermediate_size=2048, num_hidden_layers=12,
                            num_attention_heads=12, num_key_value_heads=4, vocab_size=32000,
                            max_position_embeddings=1024, tie_word_embeddings=True)
+    if family == "llama-1b":
+        return LlamaConfig(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
+                           num_attention_heads=32, num_key_value_heads=8, head_dim=64,
+                           vocab_size=128256, max_position_embeddings=2048,
+                           rope_theta=500000.0, tie_word_embeddings=True)
     raise ValueError(f"unknown family {family!r}; choose from {', '.join(FAMILIES)}")
 
 
-def build_model(family: str, seed: int = 0):
-    """A randomly initialised model of the real shape, in eval mode, float32."""
+def build_model(family: str, seed: int = 0, dtype: torch.dtype = torch.float32):
+    """A randomly initialised model of the real shape, in eval mode, float32 by default."""
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
     from transformers.utils import logging as hf_logging
 
@@ -54,7 +60,7 @@ def build_model(family: str, seed: int = 0):
     torch.manual_seed(seed)
     config = real_config(family)
     cls = AutoModelForSequenceClassification if family == "bert" else AutoModelForCausalLM
-    return cls.from_config(config, dtype=torch.float32).eval()
+    return cls.from_config(config, dtype=dtype).eval()
 
 
 def is_decoder(family: str) -> bool:

@@ -1,9 +1,11 @@
-"""Wall time and peak memory of `nsn convert` on a GPT-2-small-shaped model (124M).
+"""Wall time and peak memory of `nsn convert` on a GPT-2-small-shaped model (124M), or a
+Llama-3.2-1B-shaped one (1.24B, `--model llama-1b`, saved in bf16 like the real one).
 
 A randomly initialised GPT-2 small (or another shape, `--model`) is saved with
-`save_pretrained`, with a small BPE tokenizer, to a temporary directory. Each run then
-converts it in a fresh Python process that calls `nsn_cli.convert.convert`, the
-function behind `nsn convert`, and reports:
+`save_pretrained` (in `--source-dtype`: float32, or bfloat16 for llama-1b), with a small
+BPE tokenizer, to a temporary directory. Each run then converts it in a fresh Python
+process that calls `nsn_cli.stages.convert.convert`, the function behind `nsn convert`
+(with `--calib`: activation-aware, on the shipped tiny text), and reports:
 
 * end to end: the whole process, interpreter start and imports included;
 * the stage, split into load (read the model), decompose (SVD of every layer) and
@@ -12,10 +14,14 @@ function behind `nsn convert`, and reports:
   after its imports (torch, transformers), and the peak of its anonymous memory:
   RSS also counts the source weights, which transformers memory-maps from the
   safetensors file (clean page cache the kernel can drop), anonymous memory does not.
-  Each against the fp32 size of the model. Linux only for the memory rows.
+  Each against the size of the source's weights file. Linux only for the memory rows;
+* the project's model.safetensors against the source file (the project keeps the
+  source dtype by default), and how far the full-rank factors' outputs are from the
+  source layers' on random inputs (relative error; bf16 rounding is 2^-8 = 0.0039).
 
     python benchmarks/convert.py            # 3 runs
     python benchmarks/convert.py --quick    # 1 run
+    nice -n 10 python benchmarks/convert.py --model llama-1b --quick [--calib]
 """
 
 from __future__ import annotations
@@ -25,11 +31,12 @@ import json
 import os
 import subprocess
 import sys
+import shutil
 import tempfile
 import time
 from pathlib import Path
 
-from common import Spread, build_model, param_bytes, print_table
+from common import Spread, build_model, print_table
 
 ROOT = Path(__file__).resolve().parents[1]
 # The environment the converting process gets, taken before anything here can change it:
@@ -72,9 +79,11 @@ def on_start(n):
     marks["loaded"] = time.perf_counter()
 def on_layer(spec):
     marks["decomposed"] = time.perf_counter()
-if len(sys.argv) > 3:
-    torch.set_num_threads(int(sys.argv[3]))
-convert(ConvertConfig(model=sys.argv[1], out_dir=sys.argv[2]), on_start=on_start,
+options = json.loads(sys.argv[3])
+threads = options.pop("threads", None)
+if threads:
+    torch.set_num_threads(int(threads))
+convert(ConvertConfig(model=sys.argv[1], out_dir=sys.argv[2], **options), on_start=on_start,
         on_layer=on_layer)
 marks["saved"] = time.perf_counter()
 usage = resource.getrusage(resource.RUSAGE_SELF)
@@ -90,7 +99,17 @@ print(json.dumps(marks))
 def parse_args():
     # nsn convert runs on CPU and is timed by the wall clock: no --device, no --clock.
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--model", default="gpt2", help="gpt2 (default), bert or llama shape")
+    parser.add_argument("--model", default="gpt2",
+                        help="gpt2 (default), bert, llama (~100M) or llama-1b shape")
+    parser.add_argument("--source-dtype", choices=("float32", "bfloat16"), default=None,
+                        help="dtype the source is saved in (default: bfloat16 for llama-1b, "
+                             "else float32)")
+    parser.add_argument("--dtype", default="auto", help="nsn convert --dtype (default auto)")
+    parser.add_argument("--calib", action="store_true",
+                        help="activation-aware: --calib on the shipped tiny text")
+    parser.add_argument("--calib-samples", type=int, default=16)
+    parser.add_argument("--calib-seq-len", type=int, default=64)
+    parser.add_argument("--allocation", default="auto", help="nsn convert --allocation")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch CPU threads in the converting process (default: torch's)")
     parser.add_argument("--repeats", type=int, default=None, help="conversions (default 3)")
@@ -98,23 +117,61 @@ def parse_args():
     return parser.parse_args()
 
 
-def save_source(family: str, dest: Path) -> int:
-    """Save the model and a small tokenizer; returns the model's fp32 size in bytes."""
-    sys.path.insert(0, str(ROOT / "tests"))
-    from conftest import make_tokenizer  # the test suite's tiny BPE tokenizer
+def save_source(family: str, dtype: str, dest: Path) -> int:
+    """Save the model and a small tokenizer; returns the size of its weights file."""
+    import gc
 
-    model = build_model(family)
-    size = param_bytes(model)
+    import torch
+
+    sys.path.insert(0, str(ROOT))
+    from tests.helpers import make_tokenizer  # the test suite's tiny BPE tokenizer
+
+    model = build_model(family, dtype=getattr(torch, dtype))
     model.save_pretrained(dest)
     make_tokenizer().save_pretrained(dest)
-    return size
+    del model
+    gc.collect()
+    return sum(f.stat().st_size for f in dest.glob("*.safetensors"))
 
 
-def run_once(source: Path, work: Path, index: int, threads: int | None) -> dict:
+# How far the project's full-rank layers are from the source's: random inputs through
+# W (from the source file) and B A (from the project), in float32. Reads tensors lazily,
+# so it never holds either model whole.
+FIDELITY = r"""
+import json, sys, torch
+from safetensors import safe_open
+source, project, manifest = sys.argv[1], sys.argv[2], json.load(open(sys.argv[3]))
+specs = manifest["modules"]
+pick = [s for s in specs if ".0." in s["name"]] + specs[-7:]
+worst, gen = 0.0, torch.Generator().manual_seed(0)
+with safe_open(source, "pt") as src, safe_open(project, "pt") as prj:
+    for spec in pick:
+        W = src.get_tensor(spec["name"] + ".weight").float()
+        if spec["kind"] == "conv1d":
+            W = W.T
+        A, B = (prj.get_tensor(f"{spec['name']}.{k}").float() for k in "AB")
+        x = torch.randn(64, spec["d_in"], generator=gen)
+        ref = x @ W.T
+        err = float((x @ A.T @ B.T - ref).norm() / ref.norm())
+        worst = max(worst, err)
+print(json.dumps({"layers": len(pick), "worst": worst}))
+"""
+
+
+def fidelity(source: Path, project: Path) -> dict:
+    files = sorted(source.glob("*.safetensors"))
+    proc = subprocess.run([sys.executable, "-c", FIDELITY, str(files[0]),
+                           str(project / "model" / "model.safetensors"),
+                           str(project / "nsn.json")], capture_output=True, text=True,
+                          cwd=ROOT, env={**CHILD_ENV, "PYTHONPATH": str(ROOT)})
+    if proc.returncode != 0:
+        raise SystemExit(f"fidelity check failed:\n{proc.stderr[-2000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def run_once(source: Path, work: Path, index: int, options: dict) -> dict:
     out = work / f"project-{index}"
-    cmd = [sys.executable, "-c", CHILD, str(source), str(out)]
-    if threads:
-        cmd.append(str(threads))
+    cmd = [sys.executable, "-c", CHILD, str(source), str(out), json.dumps(options)]
     start = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT,
                           env={**CHILD_ENV, "PYTHONPATH": str(ROOT)})
@@ -123,6 +180,9 @@ def run_once(source: Path, work: Path, index: int, threads: int | None) -> dict:
         raise SystemExit(f"convert failed:\n{proc.stderr[-2000:]}")
     marks = json.loads(proc.stdout.strip().splitlines()[-1])
     marks["process"] = total
+    marks["project_bytes"] = (out / "model" / "model.safetensors").stat().st_size
+    marks["fidelity"] = fidelity(source, out)
+    shutil.rmtree(out)  # a 1B project is gigabytes: one on disk at a time
     return marks
 
 
@@ -147,14 +207,19 @@ def report(runs: list[dict], size: int, load: tuple[float, float]) -> None:
     base = [r["rss_after_imports"] * 1024 / mib for r in runs]
     anon = [r["peak_anon"] * 1024 / mib for r in runs]
     rows += [
-        ["fp32 model size", f"{size / mib:.0f}", "", "MiB"],
+        ["source weights file", f"{size / mib:.0f}", "", "MiB"],
+        ["project model.safetensors", f"{runs[0]['project_bytes'] / mib:.0f}", "", "MiB"],
+        ["project / source file", f"{runs[0]['project_bytes'] / size:.2f}", "", "x"],
+        ["full-rank output error, worst of "
+         f"{runs[0]['fidelity']['layers']} layers", f"{max(r['fidelity']['worst'] for r in runs):.4f}",
+         "", "rel"],
         ["peak RSS", *_mem(peak), "MiB"],
         ["  RSS after imports", *_mem(base), "MiB"],
         ["  peak anonymous (not file-backed)", *_mem(anon), "MiB"],
-        ["peak RSS / model size", f"{max(peak) * mib / size:.2f}", "", "x"],
-        ["(peak RSS - imports) / model size",
+        ["peak RSS / source file", f"{max(peak) * mib / size:.2f}", "", "x"],
+        ["(peak RSS - imports) / source file",
          f"{max(p - b for p, b in zip(peak, base)) * mib / size:.2f}", "", "x"],
-        ["peak anonymous / model size", f"{max(anon) * mib / size:.2f}", "", "x"],
+        ["peak anonymous / source file", f"{max(anon) * mib / size:.2f}", "", "x"],
     ]
     print_table(["", "median", "min-max", "unit"], rows)
 
@@ -167,12 +232,19 @@ def _mem(values):
 def main():
     args = parse_args()
     runs = args.repeats or (1 if args.quick else 3)
+    source_dtype = args.source_dtype or ("bfloat16" if args.model == "llama-1b" else "float32")
+    options = {"dtype": args.dtype, "allocation": args.allocation, "threads": args.threads}
+    if args.calib:
+        options.update(calib=str(ROOT / "tests" / "data" / "tiny.txt"),
+                       calib_samples=args.calib_samples, calib_seq_len=args.calib_seq_len)
     with tempfile.TemporaryDirectory(prefix="nsn-bench-convert-") as tmp:
         work = Path(tmp)
-        size = save_source(args.model, work / "source")
-        print(f"{args.model}: {size / 4 / 1e6:.0f}M parameters; {runs} conversion(s)", flush=True)
+        size = save_source(args.model, source_dtype, work / "source")
+        print(f"{args.model}: {source_dtype} source of {size / 2**20:.0f} MiB; convert "
+              f"{json.dumps({k: v for k, v in options.items() if v is not None})}; "
+              f"{runs} conversion(s)", flush=True)
         before = os.getloadavg()[0]
-        results = [run_once(work / "source", work, i, args.threads) for i in range(runs)]
+        results = [run_once(work / "source", work, i, options) for i in range(runs)]
     report(results, size, (before, os.getloadavg()[0]))
 
 

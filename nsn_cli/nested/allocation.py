@@ -27,7 +27,7 @@ from torch import nn
 
 from nsn_cli.errors import ProjectError, UsageError
 from nsn_cli.nested.budget import DEFAULT_SEQ_LEN, cost_table, settings_for
-from nsn_cli.nested.layer import NestedLinear, evaluating
+from nsn_cli.nested.layer import NestedLinear, evaluating, transient
 from nsn_cli.nested.settings import UniformSettings, highest_within, ranks_for_fraction
 from nsn_cli.nested.state import nested_state
 from nsn_cli.nested.surgery import nested_layers
@@ -166,7 +166,8 @@ def layer_sensitivity(model: nn.Module, batches: list[dict], energies: dict[str,
     layer; the result scales that layer's shares in `global_order`.
     """
     layers = nested_layers(model)
-    with evaluating(model):
+    # Factored passes (transient): full-rank layers would each cache a dense copy.
+    with evaluating(model), transient():
         reference = [final_hidden(model, b) for b in batches]
         scale = sum(float((h * h).sum()) for h in reference)
         weights = {}

@@ -2,15 +2,18 @@
 
 Activation-aware SVD (decompose.whitened_svd_factors) needs, for every layer it
 factors, C = Σ xxᵀ over the rows x that reach the layer. Forward hooks collect it
-during plain forward passes of the dense model: each batch's product in float32,
-the running sum over batches in float64 (sums over many thousand rows lose digits in
-float32).
+during plain forward passes of the dense model, in float32 (products and the running
+sum over batches: a few hundred batch sums lose ~1e-5 relative, far below the 1e-2
+ridge whitening adds, and float64 would double the largest buffer of a calibrated
+convert).
 
-Memory: one d_in × d_in float64 matrix per layer. For small and medium models that is
-little (BERT-base: 72 layers, ~0.5 GB; GPT-2 small ~0.6 GB), but a 7B model would need
+Memory: one d_in × d_in float32 matrix per layer. For small and medium models that is
+little (BERT-base: 72 layers, ~0.25 GB), but a Llama-3.2-1B needs ~5.6 GB and a 7B model
 tens of GB at once, so layers are split into groups under `max_bytes` and each group
 gets its own pass over the calibration batches. Layers that read the same tensor
-(q, k and v of one attention block) share one matrix.
+(q, k and v of one attention block) share one matrix. The passes run the nested layers
+in their factored form (`transient`): at full rank they would otherwise cache a merged
+dense copy each, i.e. the whole dense model again next to its factors.
 
 Padding never counts: when a layer sees one row per token, rows at masked positions
 are dropped before accumulating.
@@ -25,15 +28,16 @@ import torch
 from torch import nn
 
 from nsn_cli.errors import DataError, UsageError
-from nsn_cli.nested.layer import evaluating
+from nsn_cli.nested.layer import evaluating, transient
 from nsn_cli.nested.surgery import candidate_layers, dense_weight
 
-MAX_BYTES = 4 << 30  # second moments held at once before splitting into several passes
+MAX_BYTES = 2 << 30  # second moments held at once before splitting into several passes
+MOMENT_DTYPE = torch.float32
 
 
 @dataclass
 class Moments:
-    """Per-layer input second moments (float64, unnormalised) and the rows behind them."""
+    """Per-layer input second moments (float32, unnormalised) and the rows behind them."""
 
     xtx: dict[str, torch.Tensor] = field(default_factory=dict)
     rows: dict[str, int] = field(default_factory=dict)
@@ -44,14 +48,14 @@ class Moments:
 
 
 def moment_groups(sizes: dict[str, int], max_bytes: int = MAX_BYTES) -> list[list[str]]:
-    """Split layers (name -> d_in) into groups whose float64 moments fit in `max_bytes`.
+    """Split layers (name -> d_in) into groups whose float32 moments fit in `max_bytes`.
 
     A single layer larger than the limit still gets a group of its own.
     """
     groups: list[list[str]] = [[]]
     used = 0
     for name, d_in in sizes.items():
-        need = 8 * d_in * d_in
+        need = MOMENT_DTYPE.itemsize * d_in * d_in
         if groups[-1] and used + need > max_bytes:
             groups.append([])
             used = 0
@@ -99,19 +103,17 @@ def accumulate_group(model: nn.Module, layers: dict[str, nn.Module],
         state["last"] = (args[0], name)
         rows = token_rows(x, state["mask"])
         if name not in moments.xtx:
-            moments.xtx[name] = torch.zeros(rows.shape[1], rows.shape[1], dtype=torch.float64)
+            moments.xtx[name] = torch.zeros(rows.shape[1], rows.shape[1], dtype=MOMENT_DTYPE)
             moments.rows[name] = 0
-        # One batch's sum in (at least) float32, the running sum over batches in float64:
-        # half the time of a float64 product, and batch sums are short enough to stay exact
-        # to ~1e-6.
-        wide = rows.to(torch.promote_types(rows.dtype, torch.float32))
-        moments.xtx[name] += (wide.T @ wide).to(torch.float64)
+        # In float32 even for a bf16 model: bf16 products would round every batch sum.
+        wide = rows.to(MOMENT_DTYPE)
+        moments.xtx[name].addmm_(wide.T, wide)
         moments.rows[name] += rows.shape[0]
 
     handles = [m.register_forward_hook(lambda mod, a, o, n=n: hook(mod, a, o, n))
                for n, m in layers.items()]
     try:
-        with evaluating(model):
+        with evaluating(model), transient():
             for batch in batches():
                 state["mask"], state["last"] = batch.get("attention_mask"), None
                 model(**{k: v for k, v in batch.items() if k in ("input_ids", "attention_mask")})

@@ -159,21 +159,25 @@ def input_cholesky(xtx: torch.Tensor, damping: float = DAMPING) -> torch.Tensor:
     rounding) the ridge grows tenfold until Cholesky succeeds; a moment with no usable
     energy (all zero, NaN or inf) falls back to the identity, i.e. plain SVD.
     """
+    # In place where possible: for an 8192-wide input (Llama MLP down projections) each
+    # float64 copy is 512 MB, and the identity is never materialised on the way.
     d = xtx.shape[0]
-    eye = torch.eye(d, dtype=torch.float64)
     C = xtx.detach().to(torch.float64)
-    C = (C + C.T) / 2
+    C = torch.add(C, C.T).mul_(0.5)
     scale = C.diagonal().mean()
     if not torch.isfinite(C).all() or not scale > 0:
-        return eye
-    C = C / scale
-    ridge = damping
+        return torch.eye(d, dtype=torch.float64)
+    C.div_(scale)
+    ridge, added = damping, 0.0
     for _ in range(JITTER_TRIES):
-        L, info = torch.linalg.cholesky_ex(C + ridge * eye)
+        C.diagonal().add_(ridge - added)
+        added = ridge
+        L, info = torch.linalg.cholesky_ex(C)
         if info == 0 and torch.isfinite(L).all():
-            return L * scale.sqrt()
+            return L.mul_(scale.sqrt())
+        del L
         ridge = max(ridge * 10, 1e-6)
-    return eye
+    return torch.eye(d, dtype=torch.float64)
 
 
 def rebalance(A: torch.Tensor, B: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -10,6 +10,11 @@
         state.json          step, data position, log-variances, optimizer scalars and
                             param groups, the training config, sizes of the files above
 
+A sharded run (`--fsdp`) writes, instead of the two .safetensors files, one pair per
+process: model-RRRRR-of-WWWWW.safetensors and optimizer-RRRRR-of-WWWWW.safetensors, each
+holding that process's rows of every tensor (see `shards.py`), and state.json records
+`"shards": W`. Either kind restores onto any number of processes, sharded or not.
+
 A checkpoint is built in a hidden sibling directory and renamed into place, then the
 index is rewritten (atomically) to name it. The newest complete checkpoint is the one
 the index names, not whatever a directory listing shows: a crash at any moment leaves
@@ -30,6 +35,7 @@ from torch import nn
 
 from nsn_cli.errors import ProjectError, first_line
 from nsn_cli.project.files import atomic_write_json
+from nsn_cli.project.shards import ShardReader, fill, is_sharded, like, shard_name, write_shard
 from nsn_cli.project.staging import staging_dir
 
 INDEX = "index.json"
@@ -62,8 +68,9 @@ def flatten_optimizer(optimizer: torch.optim.Optimizer) -> tuple[dict, dict]:
     tensors, scalars = {}, {}
     for param_id, entry in sd["state"].items():
         for key, value in entry.items():
-            if torch.is_tensor(value):
-                tensors[f"state.{param_id}.{key}"] = value.detach().contiguous().cpu()
+            if torch.is_tensor(value):  # a sharded moment stays sharded (written per process)
+                tensors[f"state.{param_id}.{key}"] = (value.detach() if is_sharded(value)
+                                                      else value.detach().contiguous().cpu())
             else:
                 scalars.setdefault(str(param_id), {})[key] = value
     groups = [{k: (list(v) if isinstance(v, tuple) else v) for k, v in g.items()}
@@ -108,6 +115,12 @@ def save_checkpoint(root: Path, step: int, model: nn.Module, optimizer: torch.op
         atomic_write_json(tmp / STATE, {"format": FORMAT, **state, "step": step,
                                         "log_vars": log_vars.detach().cpu().tolist(),
                                         "optimizer": optimizer_meta, "files": sizes})
+    publish(root, final, keep)
+    return final
+
+
+def publish(root: Path, final: Path, keep: int) -> None:
+    """Point the index at the checkpoint just renamed into place; drop the oldest."""
     names = [n for n in read_index(root) if n != final.name and (root / n).is_dir()]
     names.append(final.name)
     keep = max(1, keep)
@@ -116,6 +129,71 @@ def save_checkpoint(root: Path, step: int, model: nn.Module, optimizer: torch.op
                                      "checkpoints": kept})
     for name in dropped:
         shutil.rmtree(root / name, ignore_errors=True)
+
+
+def model_tensors(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """(name -> tensor of everything a model saves, dropped name -> kept name).
+
+    Tied tensors are kept once under the first of their names in sorted order, as
+    safetensors' save_model does, so either writer's files read the same way."""
+    groups: dict[int, list[str]] = {}
+    values = {}
+    for name, tensor in model.state_dict(keep_vars=True).items():
+        groups.setdefault(id(tensor), []).append(name)
+        values[name] = tensor
+    kept, aliases = {}, {}
+    for names in groups.values():
+        first, *rest = sorted(names)
+        kept[first] = values[first]
+        aliases.update({other: first for other in rest})
+    return kept, aliases
+
+
+# ---------------------------------------------------------------- sharded save
+
+def save_sharded(root: Path, step: int, model: nn.Module, optimizer: torch.optim.Optimizer,
+                 log_vars: torch.Tensor, state: dict, group, keep: int = 2,
+                 tokenizer=None) -> Path:
+    """Checkpoint `step` written by every process of `group`, each its own rows.
+
+    Collective: every process calls it. `group` has rank, world, barrier() and
+    share_text(text) (process 0's text, on every process). Process 0 makes the staging
+    directory, writes config, tokenizer and state.json (after everyone's files are
+    there, with their sizes), renames it into place and updates the index; a kill at
+    any moment leaves the previous index, as for `save_checkpoint`.
+    """
+    root = Path(root)
+    final = root / checkpoint_name(step)
+    tensors, _ = model_tensors(model)
+    moments, optimizer_meta = flatten_optimizer(optimizer)
+    moments["objective.log_vars"] = log_vars.detach().cpu().contiguous()
+    moments["rng.torch"] = torch.get_rng_state()
+
+    def write(tmp: Path) -> None:
+        main = group.rank == 0
+        write_shard(tmp / shard_name("model", group.rank, group.world), tensors, main)
+        write_shard(tmp / shard_name("optimizer", group.rank, group.world), moments, main)
+
+    if group.rank != 0:
+        write(Path(group.share_text(None)))
+        group.barrier()  # every shard is written
+        group.barrier()  # the index names the new checkpoint
+        return final
+    with staging_dir(final) as tmp:
+        group.share_text(str(tmp))
+        model.config.to_json_file(str(tmp / "config.json"))
+        if tokenizer is not None:
+            tokenizer.save_pretrained(str(tmp / TOKENIZER_DIR))
+        write(tmp)
+        group.barrier()
+        sizes = {p.relative_to(tmp).as_posix(): p.stat().st_size
+                 for p in sorted(tmp.rglob("*")) if p.is_file()}
+        atomic_write_json(tmp / STATE, {"format": FORMAT, **state, "step": step,
+                                        "shards": group.world,
+                                        "log_vars": log_vars.detach().cpu().tolist(),
+                                        "optimizer": optimizer_meta, "files": sizes})
+    publish(root, final, keep)
+    group.barrier()
     return final
 
 
@@ -170,25 +248,44 @@ def read_config(checkpoint: Checkpoint):
     return AutoConfig.from_pretrained(str(checkpoint.path))
 
 
+def weight_files(checkpoint: Checkpoint, stem: str) -> list[Path]:
+    """The checkpoint's model or optimizer files: one whole file, or one per process."""
+    world = checkpoint.state.get("shards")
+    if world is None:
+        return [checkpoint.path / f"{stem}.safetensors"]
+    return [checkpoint.path / shard_name(stem, r, int(world)) for r in range(int(world))]
+
+
 def restore(checkpoint: Checkpoint, model: nn.Module, optimizer: torch.optim.Optimizer,
             log_vars: torch.Tensor) -> None:
-    """Load weights, optimizer state, log-variances and the torch RNG state in place."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file, load_model
+    """Load weights, optimizer state, log-variances and the torch RNG state in place.
 
-    try:
-        missing, unexpected = load_model(model, str(checkpoint.path / MODEL_FILE), strict=False)
-        tensors = load_file(str(checkpoint.path / OPTIMIZER_FILE))
-    except (SafetensorError, OSError, RuntimeError) as exc:
-        raise ProjectError(f"checkpoint {checkpoint.path} cannot be read: "
-                           f"{first_line(exc)}") from None
-    if missing or unexpected:
-        raise ProjectError(f"checkpoint {checkpoint.path} does not match the model "
-                           f"({len(missing)} missing, {len(unexpected)} unexpected tensors)")
-    with torch.no_grad():
-        log_vars.copy_(tensors.pop("objective.log_vars"))
-    torch.set_rng_state(tensors.pop("rng.torch"))
-    optimizer.load_state_dict(unflatten_optimizer(tensors, checkpoint.state["optimizer"]))
+    The checkpoint may have been written whole or by any number of processes, and the
+    model may be sharded (FSDP) or not: each tensor gets the rows this process holds."""
+    tensors, aliases = model_tensors(model)
+    with ShardReader(weight_files(checkpoint, "model")) as reader:
+        found = {aliases.get(n, n) for n in reader.pieces}
+        missing, unexpected = set(tensors) - found, found - set(tensors)
+        if missing or unexpected:
+            raise ProjectError(f"checkpoint {checkpoint.path} does not match the model "
+                               f"({len(missing)} missing, {len(unexpected)} unexpected tensors)")
+        saved = {aliases.get(n, n): n for n in reader.pieces}
+        for name, tensor in tensors.items():
+            fill(tensor.detach(), reader, saved[name])
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    with ShardReader(weight_files(checkpoint, "optimizer")) as reader:
+        with torch.no_grad():
+            log_vars.copy_(reader.read("objective.log_vars"))
+        torch.set_rng_state(reader.read("rng.torch"))
+        moments = {}
+        for name in reader.pieces:
+            if name.startswith("state."):
+                index = int(name.split(".")[1])
+                if index >= len(params):
+                    raise ProjectError(f"checkpoint {checkpoint.path} does not match the "
+                                       "optimizer (more parameters than the model has)")
+                moments[name] = like(params[index], reader, name)
+    optimizer.load_state_dict(unflatten_optimizer(moments, checkpoint.state["optimizer"]))
 
 
 def reset(root: Path) -> None:

@@ -58,9 +58,26 @@ def guess_task(config) -> str:
     return "seq-cls"
 
 
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def storage_dtype(name: str) -> torch.dtype | str:
+    """A --dtype value as transformers takes it: "auto" keeps the checkpoint's own dtype."""
+    if name == "auto":
+        return "auto"
+    if name not in DTYPES:
+        raise UsageError(f"--dtype must be auto, {', '.join(DTYPES)}; got {name!r}")
+    return DTYPES[name]
+
+
 def load_source(model_id: str, task: str | None = None, revision: str | None = None,
-                trust_remote_code: bool = False, num_labels: int | None = None):
-    """Load a pretrained model and tokenizer in float32: (model, tokenizer, task, source)."""
+                trust_remote_code: bool = False, num_labels: int | None = None,
+                dtype: str = "float32"):
+    """Load a pretrained model and tokenizer: (model, tokenizer, task, source).
+
+    `dtype` "auto" keeps the dtype the checkpoint is stored in (a bf16 model stays bf16,
+    so a billion-parameter source is never held in float32 all at once); the factors
+    are computed in float32 or wider layer by layer whatever it is."""
     from transformers import AutoConfig, AutoTokenizer
 
     quiet_transformers()
@@ -77,7 +94,7 @@ def load_source(model_id: str, task: str | None = None, revision: str | None = N
     torch.manual_seed(0)  # a fresh classification head is initialised reproducibly
     # use_safetensors: a pickled .bin checkpoint is never unpickled (unpickling runs code).
     model = _hf_call(model_id, model_class(task).from_pretrained, model_id, config=config,
-                     dtype=torch.float32, use_safetensors=True, **kw)
+                     dtype=storage_dtype(dtype), use_safetensors=True, **kw)
     tokenizer = _hf_call(model_id, AutoTokenizer.from_pretrained, model_id, **kw)
     source = {"id": hub_id, "revision": getattr(config, "_commit_hash", None) or revision,
               "local": Path(model_id).is_dir()}
@@ -121,14 +138,17 @@ def _hf_call(model_id: str, fn, *args, **kwargs):
         raise ModelError(f"cannot load model {model_id!r}: {first}") from None
 
 
-def save_model(model: nn.Module, tokenizer, dest: Path, plain: bool = False) -> None:
+def save_model(model: nn.Module, tokenizer, dest: Path, plain: bool = False,
+               tensors: tuple[dict, dict] | None = None) -> None:
     """HF layout: config.json, tokenizer files and one safetensors file (no pickle).
 
     A nested model's tensors go to WEIGHTS, which plain transformers does not look for
     (so it cannot load the factors as random dense weights); a `plain` model (merged,
-    no nested layers) gets transformers' own model.safetensors.
+    no nested layers) gets transformers' own model.safetensors. `tensors`: (name ->
+    tensor, dropped tied name -> kept name) to write instead of the model's own, e.g.
+    the whole tensors gathered from a sharded (FSDP) model.
     """
-    from safetensors.torch import save_model as save_tensors
+    from safetensors.torch import save_file, save_model as save_tensors
 
     dest = Path(dest)
     dest.mkdir(parents=True, exist_ok=True)
@@ -137,6 +157,9 @@ def save_model(model: nn.Module, tokenizer, dest: Path, plain: bool = False) -> 
         model.generation_config.save_pretrained(dest)
     if tokenizer is not None:
         tokenizer.save_pretrained(dest)
+    if tensors is not None:  # tied names as save_model records them: dropped -> kept
+        save_file(tensors[0], str(dest / WEIGHTS), metadata={"format": "pt", **tensors[1]})
+        return
     # save_model drops the duplicate names of tied tensors (e.g. lm_head = wte).
     name = LEGACY_WEIGHTS if plain else WEIGHTS
     save_tensors(model, str(dest / name), metadata={"format": "pt"})

@@ -73,6 +73,9 @@ class ConvertConfig:
     trust_remote_code: bool = opt(False, "Allow the model repository to run its own code.")
     force: bool = opt(False, "Replace OUT_DIR if it exists and is not empty.")
     dry_run: bool = opt(False, "List the layers that would be nested; write nothing.")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = opt("auto", "Dtype the project stores: auto (the source's, e.g. bfloat16 for "
+                             "a bf16 checkpoint), float32, bfloat16 or float16. Factors are "
+                             "computed in float32 or wider either way.")
 
 
 @dataclass
@@ -222,6 +225,11 @@ class FinetuneConfig(DataOptions):
     resume: bool = opt(False, "Continue from the newest complete checkpoint (a fresh start when "
                               "there is none); without it a new run replaces DIR/finetune/.")
     device: str = device_option("train")
+    fsdp: bool = opt(False, "Shard weights, gradients and optimizer state over the torchrun "
+                            "processes (FSDP2, one unit per transformer block) instead of a "
+                            "whole copy on each (DDP): for models whose copy does not fit one "
+                            "device. Checkpoints are then written one shard per process and "
+                            "resume on any number of processes.")
 
 
 # ---------------------------------------------------------------- commands with no stage

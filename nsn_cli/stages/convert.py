@@ -16,7 +16,7 @@ from nsn_cli.stages.config import ConvertConfig, to_dict
 from nsn_cli.nested.decompose import METHODS
 from nsn_cli.nested.state import nested_state
 from nsn_cli.errors import UsageError
-from nsn_cli.project.loading import TASKS, load_source, save_model
+from nsn_cli.project.loading import TASKS, load_source, save_model, storage_dtype
 from nsn_cli.project.manifest import MODEL_DIR, write_manifest
 from nsn_cli.project.files import file_record, folder_records
 from nsn_cli.project.lock import ensure_empty_target
@@ -46,6 +46,7 @@ def validate(cfg: ConvertConfig) -> None:
                          f"got {cfg.allocation!r}")
     if cfg.calib_samples < 1 or cfg.calib_seq_len < 1:
         raise UsageError("--calib-samples and --calib-seq-len must be at least 1")
+    storage_dtype(cfg.dtype)
     if cfg.num_labels is not None and cfg.num_labels < 2:
         raise UsageError(f"--num-labels must be at least 2, got {cfg.num_labels}")
     if not cfg.dry_run:
@@ -93,7 +94,8 @@ def convert(cfg: ConvertConfig, on_start: Callable[[int], None] | None = None,
     """Run the stage: load, plan, decompose layer by layer, write DIR atomically."""
     validate(cfg)
     model, tokenizer, task, source = load_source(cfg.model, cfg.task, cfg.revision,
-                                                 cfg.trust_remote_code, cfg.num_labels)
+                                                 cfg.trust_remote_code, cfg.num_labels,
+                                                 cfg.dtype)
     before = model_stats(model)  # the source model: counted before any untying
     if cfg.nest_head:
         untie_head(model)

@@ -29,7 +29,7 @@ DTYPES = ("float32", "bfloat16")
 DEFAULT_MAX_SEQ_LEN = 256
 # Flags that may change between a run and its resume without changing what is trained.
 RESUME_FREE = {"project", "resume", "eval_every", "eval_samples", "save_every",
-               "keep_checkpoints", "device"}
+               "keep_checkpoints", "device", "fsdp"}
 
 
 @dataclass

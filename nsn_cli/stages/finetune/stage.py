@@ -22,7 +22,8 @@ from nsn_cli.project import checkpoint as ckpt
 from nsn_cli.project.files import file_record, folder_records
 from nsn_cli.project.lock import project_lock
 from nsn_cli.project.manifest import MODEL_DIR, mark_unfinished, read_manifest, record_stage
-from nsn_cli.project.safety import refuse_nonfinite
+from nsn_cli.project.safety import count_nonfinite, describe_nonfinite
+from nsn_cli.errors import TrainingError
 from nsn_cli.project.staging import staging_dir
 from nsn_cli.stages.config import FinetuneConfig
 from nsn_cli.stages.finetune.distributed import setup
@@ -59,7 +60,7 @@ class Callbacks:
 def finetune(cfg: FinetuneConfig, on_start=None, on_step=None, on_eval=None) -> FinetuneResult:
     """Run the stage (all processes under torchrun; only process 0 writes or reports)."""
     ladder = validate(cfg)
-    dist = setup(cfg.device)
+    dist = setup(cfg.device, group=cfg.fsdp)
     try:
         lock = project_lock(Path(cfg.project), "nsn finetune") if dist.is_main \
             else contextlib.nullcontext()
@@ -74,13 +75,19 @@ def finetune(cfg: FinetuneConfig, on_start=None, on_step=None, on_eval=None) -> 
 def run(trainer: Trainer, callbacks: Callbacks) -> FinetuneResult:
     cfg, inputs, main = trainer.cfg, trainer.inputs, trainer.dist.is_main
     everything = list(range(len(inputs.ladder)))
+    # With FSDP every process takes part in evaluations and checkpoints (collectives).
+    joins = main or trainer.sharded
     start = trainer.restore(inputs.checkpoint) if inputs.checkpoint else 0
     logs = open_logs(trainer, start) if main else None
-    if main and start == 0:
-        trainer.state["before"] = {str(k): v for k, v in trainer.evaluate(everything).items()}
-        log_eval(trainer, logs, callbacks, 0, trainer.evaluate(everything))
-    elif main and is_eval_point(cfg, start):  # its rows were dropped with the later ones
-        log_eval(trainer, logs, callbacks, start, trainer.evaluate(trainer.periodic_eval_indices()))
+    if joins and start == 0:
+        before = trainer.evaluate(everything)
+        trainer.state["before"] = {str(k): v for k, v in before.items()}
+        if main:
+            log_eval(trainer, logs, callbacks, 0, before)
+    elif joins and is_eval_point(cfg, start):  # its rows were dropped with the later ones
+        results = trainer.evaluate(trainer.periodic_eval_indices())
+        if main:
+            log_eval(trainer, logs, callbacks, start, results)
     callbacks.call("on_start", cfg.steps, start)
     began, history = time.perf_counter(), collections.deque(maxlen=HISTORY)
     for step in range(start, cfg.steps):
@@ -90,15 +97,16 @@ def run(trainer: Trainer, callbacks: Callbacks) -> FinetuneResult:
         if main:
             logs["metrics"].append(metric_rows(report))
             callbacks.call("on_step", report)
-            if is_eval_point(cfg, report.step):
-                log_eval(trainer, logs, callbacks, report.step,
-                         trainer.evaluate(trainer.periodic_eval_indices()))
-            if cfg.save_every and report.step % cfg.save_every == 0 and report.step < cfg.steps:
-                trainer.save(report.step)
-    if not main:
-        trainer.dist.barrier()
-        return FinetuneResult(Path(cfg.project), None, start or None, list(history))
-    summary = finalize(trainer, logs, callbacks, start, time.perf_counter() - began)
+        if joins and is_eval_point(cfg, report.step):
+            results = trainer.evaluate(trainer.periodic_eval_indices())
+            if main:
+                log_eval(trainer, logs, callbacks, report.step, results)
+        if joins and cfg.save_every and report.step % cfg.save_every == 0 \
+                and report.step < cfg.steps:
+            trainer.save(report.step)
+    summary = None
+    if joins:
+        summary = finalize(trainer, logs, callbacks, start, time.perf_counter() - began)
     trainer.dist.barrier()
     return FinetuneResult(Path(cfg.project), summary, start or None, list(history))
 
@@ -134,23 +142,34 @@ def log_eval(trainer: Trainer, logs: dict, callbacks: Callbacks, step: int,
     callbacks.call("on_eval", step, results)
 
 
-def finalize(trainer: Trainer, logs: dict, callbacks: Callbacks, start: int,
-             seconds: float) -> dict:
-    """Final checkpoint, final eval at every ladder point, DIR/model/ and the record."""
+def finalize(trainer: Trainer, logs: dict | None, callbacks: Callbacks, start: int,
+             seconds: float) -> dict | None:
+    """Final checkpoint, final eval at every ladder point, DIR/model/ and the record.
+
+    Process 0 writes DIR/model/ and nsn.json; with FSDP the others take part in the
+    checkpoint, the evaluation and the gathering of the whole weights, and return None."""
     from nsn_cli.project.loading import save_model
 
-    cfg, inputs = trainer.cfg, trainer.inputs
-    found = ckpt.find_latest(trainer.dir / CHECKPOINTS)
-    if found is None or found.step != cfg.steps:
+    cfg, inputs, main = trainer.cfg, trainer.inputs, trainer.dist.is_main
+    found = ckpt.find_latest(trainer.dir / CHECKPOINTS) if main else None
+    missing = main and (found is None or found.step != cfg.steps)
+    # With FSDP process 0 decides for all (the others may not see its files).
+    if trainer.dist.any_(missing) if trainer.sharded else missing:
         trainer.save(cfg.steps)
     final = trainer.evaluate(list(range(len(inputs.ladder))))
-    log_eval(trainer, logs, callbacks, cfg.steps, final)
     apply_ranks(trainer.model, inputs.settings[-1])
+    tensors = trainer.final_tensors()
+    if not main:
+        return None
+    log_eval(trainer, logs, callbacks, cfg.steps, final)
     project = Path(cfg.project)
-    refuse_nonfinite(trainer.model, f"the fine-tuned model over {project / MODEL_DIR}")
+    bad = {n: c for n, t in tensors[0].items() if (c := count_nonfinite(t))}
+    if bad:
+        raise TrainingError(f"refusing to save the fine-tuned model over {project / MODEL_DIR}: "
+                            f"{describe_nonfinite(bad)}; the last good weights on disk are kept")
     mark_unfinished(project, "finetune")  # until record_stage: explains a kill in between
     with staging_dir(project / MODEL_DIR) as tmp:
-        save_model(trainer.model, inputs.tokenizer, tmp)
+        save_model(trainer.model, inputs.tokenizer, tmp, tensors=tensors)
         from nsn_cli.stages.model_card import write_card
 
         write_card(tmp, read_manifest(project), "project",

@@ -24,11 +24,13 @@ from nsn_cli.project import checkpoint as ckpt
 from nsn_cli.nested.budget import apply_ranks
 from nsn_cli.stages.config import FinetuneConfig
 from nsn_cli.project.data import pad_batch
-from nsn_cli.stages.finetune.distributed import Dist, sync_context, wrap
+from nsn_cli.stages.finetune.distributed import Dist, shard, sync_context, wrap
 from nsn_cli.errors import TrainingError
 from nsn_cli.stages.finetune.setup import CHECKPOINTS, FINETUNE_DIR, Inputs
 from nsn_cli.stages.finetune.objective import RankWeights, distill_loss, ranks_for_step, task_loss, teacher_from
-from nsn_cli.project.safety import refuse_nonfinite
+from nsn_cli.project.safety import count_nonfinite, refuse_nonfinite
+from nsn_cli.project.shards import is_sharded, local_rows
+from nsn_cli.nested.layer import transient
 
 MIN_LR_RATIO = 0.1  # cosine decays to a tenth of the peak
 
@@ -84,8 +86,12 @@ class Trainer:
 
     def __init__(self, cfg: FinetuneConfig, inputs: Inputs, dist: Dist):
         self.cfg, self.inputs, self.dist = cfg, inputs, dist
-        self.model = inputs.model.to(dist.device).train()
-        self.net = wrap(self.model, dist)
+        # A bf16 project trains fp32 master weights and is written back in bf16.
+        self.storage_dtype = next((p.dtype for p in inputs.model.parameters()
+                                   if p.is_floating_point()), torch.float32)
+        self.model = inputs.model.to(dist.device, dtype=torch.float32).train()
+        self.sharded = cfg.fsdp  # FSDP: every process evaluates and writes checkpoints
+        self.net = shard(self.model, dist, cfg.dtype) if self.sharded else wrap(self.model, dist)
         self.weights = RankWeights(len(inputs.ladder), cfg.objective).to(dist.device)
         self.optimizer = build_optimizer(self.model, self.weights, cfg)
         self.stream = RowStream(len(inputs.data.train), cfg.seed)
@@ -149,6 +155,7 @@ class Trainer:
             self.dist.mean_(self.weights.log_vars.grad)
         norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(),
                                               self.cfg.clip if self.cfg.clip > 0 else math.inf)
+        norm = norm.full_tensor() if is_sharded(norm) else norm
         if not math.isfinite(float(norm)):
             self.stop(f"the gradient norm became {float(norm)} at step {step + 1}")
         self.optimizer.step()
@@ -182,7 +189,8 @@ class Trainer:
     # -------------------------------------------------------- evaluation
 
     def evaluate(self, indices: list[int]) -> dict[float, dict]:
-        """Held-out metrics at the given ladder points (process 0 only)."""
+        """Held-out metrics at the given ladder points (process 0 only; with FSDP every
+        process, as each forward all-gathers the weights)."""
         from nsn_cli.stages.evaluate import batches, evaluate
 
         if self.eval_batches is None:
@@ -192,7 +200,8 @@ class Trainer:
         results = {}
         for index in indices:
             apply_ranks(self.model, self.inputs.settings[index])
-            with self.autocast():
+            # Sharded weights are all-gathered into reused buffers: cache no merged copy.
+            with self.autocast(), transient() if self.sharded else contextlib.nullcontext():
                 results[self.inputs.ladder[index]] = evaluate(
                     self.model, self.eval_batches, self.inputs.task).metrics
         return results
@@ -205,14 +214,44 @@ class Trainer:
     # -------------------------------------------------------- checkpoints
 
     def save(self, step: int) -> Path:
-        refuse_nonfinite(self.model, f"checkpoint {step}")  # never over good checkpoints
+        """Checkpoint `step` (collective with FSDP: each process writes its shards)."""
+        self.refuse_nonfinite(f"checkpoint {step}")  # never over good checkpoints
         state = {"samples_seen": step * self.cfg.batch_size * self.cfg.grad_accum,
                  "train_rows": len(self.inputs.data.train),
                  "config": self.inputs.resolved, **self.state}
+        if self.sharded:
+            return ckpt.save_sharded(self.dir / CHECKPOINTS, step, self.model, self.optimizer,
+                                     self.weights.log_vars, state, self.dist,
+                                     keep=self.cfg.keep_checkpoints,
+                                     tokenizer=self.inputs.tokenizer)
         return ckpt.save_checkpoint(self.dir / CHECKPOINTS, step, self.model,
                                     self.optimizer, self.weights.log_vars, state,
                                     keep=self.cfg.keep_checkpoints,
                                     tokenizer=self.inputs.tokenizer)
+
+    def refuse_nonfinite(self, what: str) -> None:
+        """TrainingError (on every process) if any weight is NaN/inf: each process looks
+        at its own shard, then they agree."""
+        if not self.sharded:
+            return refuse_nonfinite(self.model, what)
+        bad = sum(count_nonfinite(local_rows(p.detach())[0]) for p in self.model.parameters())
+        if self.dist.any_(bad > 0):
+            raise TrainingError(f"refusing to save {what}: weights hold NaN/inf values; the "
+                                "last good weights on disk are kept")
+
+    def final_tensors(self) -> tuple[dict, dict] | None:
+        """(name -> whole tensor in the project's dtype, tied aliases) on process 0, None
+        elsewhere; with FSDP each tensor is gathered in turn (collective), so no process
+        ever holds more than one whole tensor beyond its shards."""
+        tensors, aliases = ckpt.model_tensors(self.model)
+        out = {}
+        for name, tensor in tensors.items():
+            whole = tensor.detach()
+            whole = whole.full_tensor() if is_sharded(whole) else whole
+            if self.dist.is_main:
+                dtype = self.storage_dtype if whole.is_floating_point() else whole.dtype
+                out[name] = whole.to("cpu", dtype).contiguous()
+        return (out, aliases) if self.dist.is_main else None
 
     def last_checkpoint_name(self) -> str:
         found = ckpt.find_latest(self.dir / CHECKPOINTS)
