@@ -50,7 +50,8 @@ def random_blocks(vocab: int, rows: int, seq_len: int) -> list[dict]:
 def trainer_for(model, ladder, ranks_per_step: int, args, rows: list[dict]) -> Trainer:
     cfg = FinetuneConfig(project=".", data="random", seq_len=args.seq_len, steps=10_000,
                          batch_size=args.batch, ranks_per_step=ranks_per_step,
-                         ladder=list(ladder), dtype=args.dtype, warmup=0.0)
+                         ladder=list(ladder), dtype=args.dtype, warmup=0.0,
+                         fsdp=getattr(args, "fsdp", False))
     data = TaskData(rows, rows[:1])
     inputs = Inputs(model, None, "causal-lm", args.seq_len, data, list(ladder),
                     ladder_settings(model, list(ladder)), 0, {}, None, None)

@@ -41,9 +41,23 @@ FINETUNE = ["--data", str(TINY_TEXT), "--seq-len", "32", "--batch-size", "4", "-
             "--lr", "3e-3", "--resume"]
 
 
-def nsn(*args) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "nsn_cli", *map(str, args)], env=ENV,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+def nsn(*args, procs: int | None = None) -> subprocess.Popen:
+    """`python -m nsn_cli ARGS`; with `procs`, under torchrun in a session of its own, so a
+    kill takes the launcher and all its workers at once (a node going down)."""
+    launch = ["-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
+              str(procs)] if procs else []
+    proc = subprocess.Popen([sys.executable, *launch, "-m", "nsn_cli", *map(str, args)],
+                            env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            text=True, start_new_session=bool(procs))
+    proc.nsn_group = bool(procs)
+    return proc
+
+
+def send(proc: subprocess.Popen, sig: int) -> None:
+    if getattr(proc, "nsn_group", False):
+        os.killpg(proc.pid, sig)
+    else:
+        proc.send_signal(sig)
 
 
 def kill_when(proc: subprocess.Popen, fire, timeout: float = 300) -> bool:
@@ -56,12 +70,12 @@ def kill_when(proc: subprocess.Popen, fire, timeout: float = 300) -> bool:
     deadline = time.time() + timeout
     while proc.poll() is None:
         if fire():
-            proc.send_signal(signal.SIGSTOP)
+            send(proc, signal.SIGSTOP)
             if getattr(fire, "still_there", lambda: True)():
-                proc.kill()
+                send(proc, signal.SIGKILL)
                 proc.wait()
                 return True
-            proc.send_signal(signal.SIGCONT)
+            send(proc, signal.SIGCONT)
         assert time.time() < deadline, "the process hung"
         time.sleep(0.0005)
     assert proc.returncode == 0, proc.stderr.read()
@@ -125,7 +139,8 @@ def assert_explainable(project: Path, when: str) -> None:
         assert ckpt.complete(root / name) is not None, f"{when}: {name} is half-written"
     latest = ckpt.find_latest(root)
     if latest is not None:
-        load_file(str(latest.path / ckpt.MODEL_FILE))  # and it reads
+        for path in ckpt.weight_files(latest, "model"):  # and it reads (every shard)
+            load_file(str(path))
     manifest = read_manifest(project)
     result = runner.invoke(app, ["verify", str(project)])
     if result.exit_code != 0:
@@ -144,15 +159,19 @@ def final_state(project: Path) -> dict:
             "ranks": summary["ranks"], "tokens": summary["train_tokens"]}
 
 
+@pytest.mark.parametrize("procs", [None, 2], ids=["one-process", "fsdp-2-processes"])
 def test_killed_and_resumed_finetune_ends_exactly_like_an_uninterrupted_one(converted,
-                                                                            tmp_path):
+                                                                            tmp_path, procs):
+    """Also sharded: 2 processes with --fsdp, the whole group killed at each moment."""
     rng = random.Random(SEED)
+    flags = FINETUNE + (["--fsdp"] if procs else [])
+    # Dropout masks are drawn from (seed, step, process): the same in the chain and reference.
     reference = shutil.copytree(converted["gpt2"], tmp_path / "reference")
     chain = shutil.copytree(converted["gpt2"], tmp_path / "chain")
-    assert nsn("finetune", reference, *FINETUNE).wait() == 0
+    assert nsn("finetune", reference, *flags, procs=procs).wait() == 0
     kills, mid_save = [], 0
     for name, fire in triggers(chain, rng):
-        if kill_when(nsn("finetune", chain, *FINETUNE), fire):
+        if kill_when(nsn("finetune", chain, *flags, procs=procs), fire):
             kills.append(name)
             mid_save += isinstance(fire, Appears) and fire.prefix == ".step-" and \
                 fire.still_there()
@@ -160,7 +179,7 @@ def test_killed_and_resumed_finetune_ends_exactly_like_an_uninterrupted_one(conv
     print(f"seed {SEED}: killed {kills}; {mid_save} inside a checkpoint save")
     assert len(kills) >= 2, f"seed {SEED}: only {kills} landed"
     assert mid_save >= 1, f"seed {SEED}: no kill landed inside a checkpoint save"
-    finished = nsn("finetune", chain, *FINETUNE)
+    finished = nsn("finetune", chain, *flags, procs=procs)
     assert finished.wait() == 0, finished.stderr.read()
 
     want, got = final_state(reference), final_state(chain)
