@@ -15,7 +15,7 @@ process that calls `nsn_cli.stages.convert.convert`, the function behind `nsn co
   RSS also counts the source weights, which transformers memory-maps from the
   safetensors file (clean page cache the kernel can drop), anonymous memory does not.
   Each against the size of the source's weights file. Linux only for the memory rows;
-* the project's model.safetensors against the source file (the project keeps the
+* the project's model/nsn.safetensors against the source file (the project keeps the
   source dtype by default), and how far the full-rank factors' outputs are from the
   source layers' on random inputs (relative error; bf16 rounding is 2^-8 = 0.0039).
 
@@ -161,7 +161,7 @@ print(json.dumps({"layers": len(pick), "worst": worst}))
 def fidelity(source: Path, project: Path) -> dict:
     files = sorted(source.glob("*.safetensors"))
     proc = subprocess.run([sys.executable, "-c", FIDELITY, str(files[0]),
-                           str(project / "model" / "model.safetensors"),
+                           str(project / "model" / "nsn.safetensors"),
                            str(project / "nsn.json")], capture_output=True, text=True,
                           cwd=ROOT, env={**CHILD_ENV, "PYTHONPATH": str(ROOT)})
     if proc.returncode != 0:
@@ -180,7 +180,7 @@ def run_once(source: Path, work: Path, index: int, options: dict) -> dict:
         raise SystemExit(f"convert failed:\n{proc.stderr[-2000:]}")
     marks = json.loads(proc.stdout.strip().splitlines()[-1])
     marks["process"] = total
-    marks["project_bytes"] = (out / "model" / "model.safetensors").stat().st_size
+    marks["project_bytes"] = (out / "model" / "nsn.safetensors").stat().st_size
     marks["fidelity"] = fidelity(source, out)
     shutil.rmtree(out)  # a 1B project is gigabytes: one on disk at a time
     return marks
@@ -208,7 +208,7 @@ def report(runs: list[dict], size: int, load: tuple[float, float]) -> None:
     anon = [r["peak_anon"] * 1024 / mib for r in runs]
     rows += [
         ["source weights file", f"{size / mib:.0f}", "", "MiB"],
-        ["project model.safetensors", f"{runs[0]['project_bytes'] / mib:.0f}", "", "MiB"],
+        ["project model/nsn.safetensors", f"{runs[0]['project_bytes'] / mib:.0f}", "", "MiB"],
         ["project / source file", f"{runs[0]['project_bytes'] / size:.2f}", "", "x"],
         ["full-rank output error, worst of "
          f"{runs[0]['fidelity']['layers']} layers", f"{max(r['fidelity']['worst'] for r in runs):.4f}",

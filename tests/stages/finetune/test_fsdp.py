@@ -20,6 +20,7 @@ from safetensors.torch import load_file
 
 from tests.helpers import REPO, TINY_TEXT, make_tokenizer, tiny_config
 from nsn_cli.project import checkpoint as ckpt
+from nsn_cli.project.manifest import WEIGHTS
 from nsn_cli.project.shards import ROWS_KEY, ShardReader, fill, shard_name
 from nsn_cli.stages.config import ConvertConfig, ExportConfig, FinetuneConfig, ProfileConfig
 from nsn_cli.stages.convert import convert
@@ -86,7 +87,7 @@ def metrics(project):
 
 
 def weights(project):
-    return load_file(str(project / "model" / "model.safetensors"))
+    return load_file(str(project / "model" / WEIGHTS))
 
 
 def assert_same_run(a, b, exact: bool):
