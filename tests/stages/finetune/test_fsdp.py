@@ -146,7 +146,8 @@ def profile_points(project):
     FLOPs, parameters and the metric."""
     import csv
 
-    profile(ProfileConfig(project=str(project), seq_len=32, batch_size=4, repeats=1, warmup=0,
+    profile(ProfileConfig(project=str(project), seq_len=32, batch_size=4, repeats=1,
+                          warmup_passes=0,
                           budgets=[0.5, 1.0], max_samples=8))
     with open(project / "profile" / "profile.csv", newline="") as handle:
         rows = list(csv.DictReader(handle))
