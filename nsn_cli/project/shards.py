@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from nsn_cli.errors import ProjectError
+from nsn_cli.errors import ProjectError, first_line
 
 ROWS_KEY = "nsn.rows"
 
@@ -98,7 +98,7 @@ class ShardReader:
         except (OSError, ValueError, KeyError, TypeError) as exc:
             self.close()
             raise ProjectError(f"checkpoint shards {paths[0].parent} cannot be read: "
-                               f"{str(exc).splitlines()[0]}") from None
+                               f"{first_line(exc)}") from None
 
     def __enter__(self) -> "ShardReader":
         return self
