@@ -25,7 +25,7 @@ from common import (base_parser, build_model, interleaved, is_decoder, machine_l
                     paired_ratios, print_table, seconds, setup)
 from nsn_cli.nested.budget import set_rank
 from nsn_cli.stages.convert import convert_model
-from nsn_cli.nested.layer import NestedLinear
+from nsn_cli.nested.layer import NestedLinear, use_gauge
 from switch import decoder_step, prefill
 
 RANK_FRACTIONS = (1.0, 0.25)  # dense path, factored path
@@ -105,6 +105,7 @@ def main():
     for family in args.model.split(","):
         nested = build_model(family).to(args.device)
         convert_model(nested)
+        use_gauge(nested, False)  # this script studies the factored path (written before the gauge form)
         for fraction in RANK_FRACTIONS:
             set_rank(nested, fraction=fraction)
             for rows in (args.batch * args.seq_len, 1):

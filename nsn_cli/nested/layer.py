@@ -1,10 +1,25 @@
-"""The nested linear layer: y = B[:, :r] (A[:r] x) + b, with a dense path above break-even.
+"""The nested linear layer: y = B[:, :r] (A[:r] x) + b, run the cheapest exact way.
 
 Every rank r <= R is a prefix of the same two tensors, so one set of weights serves
-every compute budget. Per token the factored form costs 2·r·(d_in + d_out) FLOPs and a
-dense layer 2·d_in·d_out; above the break-even rank r* = d_in·d_out / (d_in + d_out)
-the layer runs as one merged matrix B_r A_r instead, so no rank ever costs more than
-the original dense layer.
+every compute budget. Per token the factored form costs 2·r·(d_in + d_out) FLOPs, a
+dense layer 2·d_in·d_out, and the gauge-aligned form (nested/gauge.py) of the same
+product 2·r·(d_in + d_out − r): below both at every rank, so there is no break-even.
+
+Which path a forward takes (`path`), and what `flops_per_token` therefore counts:
+
+* under autograd (training) and in `transient` probes: the factored form (above the
+  break-even rank r* = d_in·d_out/(d_in + d_out), and when the batch is large enough,
+  the merged matrix, rebuilt each step so gradients reach A and B);
+* inference, `gauge_aligned` on (the default): gauge-aligned below `dense_from`, the
+  merged dense matrix from there on. The rule is measured cost, not FLOPs alone: the
+  gauge form gathers one row of its smaller side n = min(d_in, d_out) per token, which
+  costs about GATHER_FLOPS FLOPs of matmul per element (gauge.py), so near full rank,
+  where its 2·(n − r)·(m − r) saved FLOPs fall below that, dense is faster. At low
+  rank the factored form would win by at most that same gather (≤ 3% of the layer's
+  dense cost at n = 768); the gauge form stays there so the cost of a layer rises
+  with its rank (the budget search and the global allocation rely on that). A rank
+  whose pivot block is ill-conditioned falls back to the next rule;
+* inference, `gauge_aligned` off, or that fallback: factored up to r*, merged above.
 """
 
 from __future__ import annotations
@@ -16,13 +31,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-# A rank change updates the cached merged matrix incrementally (cost ∝ the change in
-# rank); each update rounds once more, so after this many it is merged afresh.
-MAX_INCREMENTS = 8
-# Row padding (in elements) of the factored path's intermediate: 32 bytes of float32,
-# applied from PAD_FROM_ROWS input rows on (below that the extra call costs more).
-ALIGN = 8
-PAD_FROM_ROWS = 64
+from nsn_cli.nested.gauge import Pair, Pivots, apply_pair, build_pair, dense_from, find_pivots
+from nsn_cli.nested.products import ALIGN, MAX_INCREMENTS, PAD_FROM_ROWS, padded_product, remerge
+
+__all__ = ["MAX_INCREMENTS", "NestedLinear", "release_caches", "transient", "use_gauge"]
 
 
 class _Transient(threading.local):
@@ -58,9 +70,19 @@ def evaluating(model: nn.Module):
 
 
 def release_caches(model: nn.Module) -> None:
-    """Free the merged and transposed matrices cached for inference (rebuilt on demand)."""
+    """Free every inference cache (merged, gauge-aligned, Bᵀ); rebuilt on demand. Also the
+    call that refreshes them after editing factors through `param.data` (which nothing
+    can see without re-reading the values every forward; see `factor_key`)."""
     for module in model.modules():
         if isinstance(module, NestedLinear):
+            module.release_caches()
+
+
+def use_gauge(model: nn.Module, enabled: bool = True) -> None:
+    """Turn the gauge-aligned inference path on (the default) or off in every layer."""
+    for module in model.modules():
+        if isinstance(module, NestedLinear):
+            module.gauge_aligned = enabled
             module.release_caches()
 
 
@@ -79,6 +101,8 @@ class NestedLinear(nn.Module):
         self.bias = nn.Parameter(torch.zeros(d_out, **kw)) if bias else None
         self.rank = max_rank
         self._break_even = d_in * d_out / (d_in + d_out)
+        self.gauge_aligned = True  # False: the factored/merged paths only (benchmarks)
+        self._dense_from = dense_from(d_in, d_out)
         # Inference caches (never saved, rebuilt after any in-place update of A or B):
         # the merged dense matrix at one rank, and Bᵀ, in which every rank is a prefix.
         self._merged: torch.Tensor | None = None
@@ -86,6 +110,13 @@ class NestedLinear(nn.Module):
         self._increments = 0
         self._columns: torch.Tensor | None = None
         self._columns_key: tuple | None = None
+        # The gauge-aligned pair at one rank, the pivots it is built from (one LU per
+        # factor version serves every rank) and the ranks whose build failed.
+        self._pair: Pair | None = None
+        self._pair_key: tuple | None = None
+        self._pivots: Pivots | None = None
+        self._pivots_key: tuple | None = None
+        self._failed: set[int] = set()
 
     @classmethod
     def from_factors(cls, A: torch.Tensor, B: torch.Tensor, bias: torch.Tensor | None,
@@ -115,14 +146,34 @@ class NestedLinear(nn.Module):
             raise ValueError(f"rank must be in 1..{self.max_rank}, got {rank}")
         self.rank = int(rank)
 
+    @property
+    def dense_from(self) -> int:
+        """The lowest rank that runs dense when gauge-aligned (see the module doc)."""
+        return self._dense_from
+
+    def path(self, rank: int | None = None) -> str:
+        """"gauge", "factored" or "dense": how an inference forward runs at `rank`."""
+        r = self.rank if rank is None else rank
+        if self.gauge_aligned:
+            if r >= self._dense_from:
+                return "dense"
+            if r <= self.pivots().usable and r not in self._failed:
+                return "gauge"
+        return "dense" if r > self._break_even else "factored"
+
     def uses_dense(self, rank: int | None = None) -> bool:
         """True when `rank` (default: the active one) runs as one merged dense matrix."""
-        return (self.rank if rank is None else rank) > self.break_even
+        return self.path(rank) == "dense"
 
     def flops_per_token(self, rank: int | None = None) -> int:
-        """Multiply-adds × 2 for one input row at `rank`, whichever path it takes."""
+        """Multiply-adds × 2 for one input row at `rank`, on the path it takes."""
         rank = self.rank if rank is None else rank
-        return 2 * min(rank * (self.d_in + self.d_out), self.d_in * self.d_out)
+        path = self.path(rank)
+        if path == "gauge":
+            return 2 * rank * (self.d_in + self.d_out - rank)
+        if path == "dense":
+            return 2 * self.d_in * self.d_out
+        return 2 * rank * (self.d_in + self.d_out)
 
     # ------------------------------------------------------------ forward
 
@@ -132,17 +183,25 @@ class NestedLinear(nn.Module):
         # lookup, which adds up over dozens of layers in a decoding step.
         params = self._parameters
         A, B, bias = params["A"], params["B"], params.get("bias")
-        transient_pass = _TRANSIENT.active
-        if r > self._break_even and not transient_pass and not self._factored_trains_cheaper(x, r):
-            return F.linear(x, self.merged_weight(), bias)
-        if transient_pass or (torch.is_grad_enabled()
-                              and (x.requires_grad or A.requires_grad or B.requires_grad)):
+        if _TRANSIENT.active:
             return F.linear(F.linear(x, A[:r]), B[:, :r], bias)
+        if torch.is_grad_enabled() and (x.requires_grad or A.requires_grad or B.requires_grad):
+            if r > self._break_even and not self._factored_trains_cheaper(x, r):
+                return F.linear(x, self.merged_weight(), bias)
+            return F.linear(F.linear(x, A[:r]), B[:, :r], bias)
+        path = self.path(r)
+        if path == "gauge":
+            pair = self.gauge_pair()
+            if pair is not None:
+                return apply_pair(x, pair, self._pivots, self.d_out)
+            path = self.path(r)  # the build failed: this rank now takes the fallback
+        if path == "dense":
+            return F.linear(x, self.merged_weight(), bias)
         # Inference: A[:r] is a contiguous block of rows; B[:, :r] is strided, so it is
         # read from the cached Bᵀ, whose first r rows are contiguous at every rank.
         columns = self.b_transposed()[:r]
         if r % ALIGN and x.numel() >= PAD_FROM_ROWS * self.d_in:
-            return self._padded_product(x, A[:r], columns, bias)
+            return padded_product(x, A[:r], columns, bias, self.d_out)
         return F.linear(F.linear(x, A[:r]), columns.t(), bias)
 
     def _factored_trains_cheaper(self, x: torch.Tensor, r: int) -> bool:
@@ -159,25 +218,42 @@ class NestedLinear(nn.Module):
         return torch.is_grad_enabled() and (params["A"].requires_grad
                                             or params["B"].requires_grad)
 
-    def _padded_product(self, x, A_r, columns, bias):
-        """(x A_rᵀ) Bᵀ_r + b with the intermediate's rows padded to a multiple of ALIGN
-        elements: when r is not, BLAS runs up to 1.5× slower on the unaligned rows of a
-        large batch. Same FLOPs, same result."""
-        if x.dtype != A_r.dtype or torch.is_autocast_enabled(x.device.type):
-            return F.linear(F.linear(x, A_r), columns.t(), bias)
-        rows = x.reshape(-1, self.d_in)
-        r = A_r.shape[0]
-        padded = torch.empty(rows.shape[0], -(-r // ALIGN) * ALIGN, dtype=x.dtype,
-                             device=x.device)
-        hidden = torch.mm(rows, A_r.t(), out=padded[:, :r])
-        out = torch.mm(hidden, columns) if bias is None else torch.addmm(bias, hidden, columns)
-        return out.view(*x.shape[:-1], self.d_out)
-
     def factor_key(self) -> tuple:
-        """Changes whenever A or B change: in place (version counters) or replaced."""
+        """Changes whenever A or B change: in place (version counters) or replaced.
+
+        Detected: optimizer steps, `load_state_dict`, in-place ops on the parameter or on
+        `.detach()` of it (under no_grad too), assigning a new parameter. NOT detected:
+        writes through `param.data` or through memory shared outside torch (`.numpy()`,
+        DLPack), which bypass the version counter; after such an edit call
+        `release_caches(model)` (or the layer's `release_caches()`), or a stale cached
+        matrix is served. Checking the values each forward would cost a pass over them.
+        """
         params = self._parameters
         A, B = params["A"], params["B"]
         return (A._version, B._version, A.data_ptr(), B.data_ptr(), A.dtype, A.device)
+
+    def pivots(self) -> Pivots:
+        """The gauge form's row selection for every rank; one LU per factor version."""
+        key = self.factor_key()
+        if self._pivots_key != key:
+            self._pivots = find_pivots(self.A, self.B)
+            self._pivots_key, self._failed = key, set()
+        return self._pivots
+
+    def gauge_pair(self) -> Pair | None:
+        """The gauge-aligned pair at the active rank, cached like the merged matrix (and
+        replacing it: one inference copy per layer); None if that rank's block failed."""
+        r, bias = self.rank, self._parameters.get("bias")
+        key = (r, *self.factor_key(), None if bias is None else (bias._version, bias.data_ptr()))
+        if self._pair is not None and self._fresh(self._pair.k, key, self._pair_key):
+            return self._pair
+        pair = build_pair(self.A, self.B, bias, self.pivots(), r)
+        if pair is None:
+            self._failed.add(r)
+            return None
+        self._pair, self._pair_key = pair, key
+        self._merged = self._merged_key = self._columns = self._columns_key = None
+        return pair
 
     @staticmethod
     def _fresh(cached: torch.Tensor | None, key: tuple, cached_key: tuple | None) -> bool:
@@ -206,38 +282,20 @@ class NestedLinear(nn.Module):
             return self.B[:, :r] @ self.A[:r]
         key = (r, *self.factor_key())
         if not self._fresh(self._merged, key, self._merged_key):
-            self._merged = self._remerge(r, key)
+            same = self._merged is not None and self._merged_key[1:] == key[1:]
+            self._merged, self._increments = remerge(
+                self.A, self.B, r, self._merged if same else None,
+                self._merged_key[0] if same else None, self._increments)
             self._merged_key = key
+            self._pair = self._pair_key = None
         return self._merged
 
-    def _remerge(self, r: int, key: tuple) -> torch.Tensor:
-        """The merged matrix at rank r: from the one cached at another rank, adding or
-        removing the components in between, when that is cheaper than a fresh merge.
-
-        It is stored with its longer side contiguous (transposed when d_out > d_in):
-        one-row products (decoding) run up to 1.8× faster on CPU that way, while
-        batched ones do not care. The returned d_out × d_in view hides the layout.
-        """
-        A, B = self.A.detach(), self.B.detach()
-        flip = self.d_out > self.d_in
-        left, right = (A.t(), B.t()) if flip else (B, A)  # stored = left[:, :r] @ right[:r]
-        old, old_key = self._merged, self._merged_key
-        if (old is not None and old_key[1:] == key[1:] and old.dtype == torch.float32
-                and abs(r - old_key[0]) < r and self._increments < MAX_INCREMENTS):
-            lo, hi = sorted((old_key[0], r))
-            self._increments += 1
-            # Out of place: a caller may still hold the previous matrix.
-            stored = torch.addmm(old.t() if flip else old, left[:, lo:hi], right[lo:hi],
-                                 alpha=1 if r > old_key[0] else -1)
-        else:
-            self._increments = 0
-            # Merge in float32 at least: one rounding to the storage dtype, not r of them.
-            wide = torch.promote_types(A.dtype, torch.float32)
-            stored = (left[:, :r].to(wide) @ right[:r].to(wide)).to(A.dtype).contiguous()
-        return stored.t() if flip else stored
-
     def release_caches(self) -> None:
+        """Drop every inference cache; the next forward rebuilds what it needs. Also the
+        one call to make after editing the factors where `factor_key` cannot see it."""
         self._merged = self._merged_key = self._columns = self._columns_key = None
+        self._pair = self._pair_key = self._pivots = self._pivots_key = None
+        self._failed = set()
 
     def dense_weight(self, rank: int | None = None) -> torch.Tensor:
         """The (d_out × d_in) matrix this layer applies at `rank` (for export and tests)."""

@@ -42,15 +42,21 @@ def test_rank_is_a_prefix_of_the_same_tensors():
     torch.testing.assert_close(nested(x), expected)
 
 
+@pytest.mark.parametrize("gauge", [True, False])
 @pytest.mark.parametrize("rank", [1, 5, 9, 10, 16])
-def test_path_and_counted_flops_follow_break_even(rank):
+def test_path_and_counted_flops_follow_the_rule(rank, gauge):
     _, nested = layer(d_in=24, d_out=16)  # r* = 24*16/40 = 9.6
+    nested.gauge_aligned = gauge
     nested.set_rank(rank)
     x = torch.randn(7, 24)
     with torch.no_grad():
-        nested(x)  # the one-off merge above break-even is not part of a forward's cost
+        nested(x)  # the one-off merge or gauge build is not part of a forward's cost
         flops = counted_flops(nested, x)
-    assert nested.uses_dense() == (rank > 9.6)
+    if gauge:
+        expected = "gauge" if rank < nested.dense_from else "dense"
+    else:
+        expected = "dense" if rank > 9.6 else "factored"
+    assert nested.path() == expected
     assert flops == 7 * nested.flops_per_token()
     assert flops <= 7 * 2 * 24 * 16  # never more than the dense layer
 

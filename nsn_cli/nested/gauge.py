@@ -1,0 +1,139 @@
+"""The gauge-aligned form of a rank-r product: 2·r·(d_in + d_out − r) FLOPs, no break-even.
+
+For W_r = F_r G_rᵀ pick r rows P of F_r (n × r) whose block S = F_r[P] is well
+conditioned; then W_r = (F_r S⁻¹)(S G_rᵀ) and the first factor is the identity on P:
+with Û = F_r[rest] S⁻¹ and K = S G_rᵀ, rows P of the product are K·v and the rest
+Û·(K·v). That is r·(n + m − r) multiply-adds instead of r·(n + m) (factored) or n·m
+(dense): below both for every r < min(n, m), equal to dense at full rank.
+
+Which side is F: the layer's smaller dimension n = min(d_in, d_out), because the form
+needs one gather over that side per row (the identity rows sit in pivot order). With
+d_out ≤ d_in, F = B and the output is gathered; otherwise F = Aᵀ, G = B and the input is.
+
+Pivots: Gaussian elimination with partial pivoting on F (all R columns, once per factor
+version). Step k picks its row looking only at columns ≤ k, so the first r pivots are
+exactly those elimination would pick for F_r: one factorisation serves every rank (a
+column-by-column greedy maxvol), and a rank switch only solves for Û and multiplies K,
+O((n + m)·r²) work, never a pivot search. The elimination runs on column-normalised F
+(Û does not depend on column scale), so a tiny pivot means a nearly dependent column:
+ranks from there on are marked unusable and the layer falls back to another path.
+
+The form is not nested (S depends on r), so it is an inference cache only; the stored
+factors and training keep the factored form.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+# A pivot below this (on unit-norm columns) marks a nearly dependent column: the block
+# S would amplify fp32 rounding by ~1/PIVOT_TOL, so those ranks use another path.
+PIVOT_TOL = 1e-3
+# |Û| beyond this (partial pivoting keeps it near 1 in practice) also means: fall back.
+GROWTH_LIMIT = 1e3
+# Measured (benchmarks/inference.py --gauge-cost, CPU, fp32, n = 768): gathering one
+# element of a row costs about as much as this many FLOPs of the matmuls around it.
+GATHER_FLOPS = 40
+
+
+@dataclass
+class Pivots:
+    """Row selection for every rank of one factor version."""
+
+    output_side: bool  # True: F = B (gather the output); False: F = Aᵀ (gather the input)
+    perm: torch.Tensor  # (n,) rows in pivot order: the first r are P at rank r
+    inverse: torch.Tensor  # (n,) where each row of the original order sits in perm
+    usable: int  # the highest rank whose pivot block is well conditioned
+
+
+@dataclass
+class Pair:
+    """The cached form at one rank: y_perm = [z, z Ûᵀ] with z = K v (see the module doc)."""
+
+    rank: int
+    u_hat: torch.Tensor  # (n − r) × r
+    k: torch.Tensor  # output side: r × d_in; input side: r × d_out
+    bias: torch.Tensor | None  # output side: the bias in pivot order; input side: as is
+
+    def numel(self) -> int:
+        return self.u_hat.numel() + self.k.numel()
+
+
+def dense_from(d_in: int, d_out: int) -> int:
+    """The lowest rank at which the gauge form saves less than its gather costs:
+    2·(n − r)·(m − r) ≤ GATHER_FLOPS·n, with n = min(d_in, d_out), m the other side."""
+    n, m = sorted((d_in, d_out))
+    return next(r for r in range(1, n + 1) if 2 * (n - r) * (m - r) <= GATHER_FLOPS * n)
+
+
+def side_factor(A: torch.Tensor, B: torch.Tensor) -> tuple[bool, torch.Tensor, torch.Tensor]:
+    """(output_side, F, G) with W = F Gᵀ (output side) or Wᵀ = F Gᵀ, F on the smaller side."""
+    d_out, d_in = B.shape[0], A.shape[1]
+    if d_out <= d_in:
+        return True, B, A.t()
+    return False, A.t(), B
+
+
+def find_pivots(A: torch.Tensor, B: torch.Tensor) -> Pivots:
+    """Partial-pivoting LU of the column-normalised F: pivots for every rank at once."""
+    output_side, F, _ = side_factor(A.detach(), B.detach())
+    wide = torch.promote_types(F.dtype, torch.float32)
+    F = F.to(wide)
+    unit = F / F.norm(dim=0).clamp_min(torch.finfo(wide).tiny)
+    lu, swaps = torch.linalg.lu_factor(unit)
+    n = F.shape[0]
+    order = list(range(n))
+    for step, target in enumerate(swaps.tolist()):  # LAPACK's sequential row swaps
+        order[step], order[target - 1] = order[target - 1], order[step]
+    perm = torch.tensor(order, dtype=torch.long, device=F.device)
+    inverse = torch.empty_like(perm)
+    inverse[perm] = torch.arange(n, device=F.device)
+    diag = lu.diagonal().abs()
+    bad = ((diag < PIVOT_TOL) | ~torch.isfinite(diag)).nonzero()
+    usable = int(bad[0]) if len(bad) else F.shape[1]
+    return Pivots(output_side, perm, inverse, usable)
+
+
+def build_pair(A: torch.Tensor, B: torch.Tensor, bias: torch.Tensor | None, pivots: Pivots,
+               rank: int) -> Pair | None:
+    """The gauge-aligned pair at `rank`, built in float32 (at least) and rounded once to
+    the factors' dtype; None when the block turns out too ill-conditioned to trust."""
+    _, F, G = side_factor(A.detach(), B.detach())
+    wide = torch.promote_types(F.dtype, torch.float32)
+    F_r = F[:, :rank]
+    chosen, rest = pivots.perm[:rank], pivots.perm[rank:]
+    S = F_r[chosen]
+    # The solve is the one step whose rounding the block's conditioning amplifies: in
+    # float64 it leaves the pair as accurate as the factored product (float32: ~5× worse).
+    u_hat = torch.linalg.solve(S.double(), F_r[rest].double(), left=False)  # Û S = F_r[rest]
+    k = S.to(wide) @ G[:, :rank].to(wide).t()
+    if not (torch.isfinite(u_hat).all() and torch.isfinite(k).all()) or (
+            u_hat.numel() and float(u_hat.abs().max()) > GROWTH_LIMIT):
+        return None
+    dtype = A.dtype
+    if bias is not None:
+        bias = bias.detach()
+        bias = (bias[pivots.perm] if pivots.output_side else bias).to(dtype).contiguous()
+    return Pair(rank, u_hat.to(dtype).contiguous(), k.to(dtype).contiguous(), bias)
+
+
+def apply_pair(x: torch.Tensor, pair: Pair, pivots: Pivots, d_out: int) -> torch.Tensor:
+    """y = W_r x + b through the pair: two matmuls and one gather over the smaller side."""
+    r = pair.rank
+    rows = x.reshape(-1, x.shape[-1])
+    if pivots.output_side:
+        out = torch.empty(rows.shape[0], d_out, dtype=x.dtype, device=x.device)
+        z = torch.mm(rows, pair.k.t(), out=out[:, :r])
+        if pair.bias is None:
+            torch.mm(z, pair.u_hat.t(), out=out[:, r:])
+        else:
+            torch.addmm(pair.bias[r:], z, pair.u_hat.t(), out=out[:, r:])
+            z.add_(pair.bias[:r])
+        out = out.index_select(1, pivots.inverse)
+    else:
+        gathered = rows.index_select(1, pivots.perm)
+        t = torch.addmm(gathered[:, :r], gathered[:, r:], pair.u_hat)
+        out = torch.mm(t, pair.k) if pair.bias is None else torch.addmm(pair.bias, t, pair.k)
+    return out.view(*x.shape[:-1], d_out)
