@@ -82,7 +82,7 @@ def find_pivots(A: torch.Tensor, B: torch.Tensor) -> Pivots:
     wide = torch.promote_types(F.dtype, torch.float32)
     F = F.to(wide)
     unit = F / F.norm(dim=0).clamp_min(torch.finfo(wide).tiny)
-    lu, swaps = torch.linalg.lu_factor(unit)
+    lu, swaps, _ = torch.linalg.lu_factor_ex(unit)  # a zero pivot is an answer, not an error
     n = F.shape[0]
     order = list(range(n))
     for step, target in enumerate(swaps.tolist()):  # LAPACK's sequential row swaps

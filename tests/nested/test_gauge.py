@@ -41,7 +41,7 @@ def reference(layer, x, rank=None):
     r = layer.rank if rank is None else rank
     with torch.no_grad():
         out = x.double() @ layer.A[:r].double().T @ layer.B[:, :r].double().T
-    return out if layer.bias is None else out + layer.bias.double()
+        return out if layer.bias is None else out + layer.bias.double()
 
 
 def relative_error(out, expected):
