@@ -15,7 +15,14 @@ median over rounds of the ratio within each round, with its min and max; its dis
 to the ideal line; the ratio of the two fastest runs (best/best), which a busy machine
 disturbs least; and the median milliseconds of each model.
 
-    python benchmarks/inference.py                 # GPT-2 small, a few minutes
+Two nested copies are timed in the same rounds: `before`, with the inference paths
+nsn had before the gauge-aligned form (factored up to the break-even rank, merged
+above), and `gauge`, today's default (gauge-aligned, dense near full rank). Each gets
+its own table and ideal line (its own rank-1 floor). Also printed: the rank fraction
+each path buys at a budget (a square 768 layer, the whole model at --seq-len), and the
+memory each holds at budget 0.9 (parameters plus inference caches) against dense.
+
+    python benchmarks/inference.py --threads 1 --clock cpu   # GPT-2 small
     python benchmarks/inference.py --model all     # + BERT-base and a ~100M Llama
     python benchmarks/inference.py --quick --model bert
 """
@@ -31,6 +38,8 @@ import torch
 from common import (FAMILIES, Spread, base_parser, build_model, interleaved, is_decoder,
                     machine_line, now, paired_ratios, print_table, seconds, setup, synchronize)
 from nsn_cli.nested.budget import apply_ranks, flops_fraction, set_budget, settings_for
+from nsn_cli.nested.layer import NestedLinear, use_gauge
+from nsn_cli.nested.surgery import nested_layers
 from nsn_cli.stages.convert import convert_model
 from nsn_cli.errors import BudgetError
 
@@ -103,24 +112,37 @@ class Row:
     best: float | None = None  # fastest nested run / fastest dense run
     nested: Spread | None = None  # seconds
     dense: Spread | None = None
+    rank: float | None = None  # mean r / R over the nested layers
 
 
-def measure(dense, nested, points, make_fn, seq_len, repeats, device) -> list[Row]:
+def mean_rank(model) -> float:
+    layers = nested_layers(model).values()
+    return sum(m.rank / m.max_rank for m in layers) / len(layers)
+
+
+def measure(dense, nested: dict, points, make_fn, seq_len, repeats, device
+            ) -> dict[str, list[Row]]:
+    """Rows per nested model (name -> model), all timed in the same rounds as dense."""
     dense_run = make_fn(dense)
-    rows = []
+    rows = {name: [] for name in nested}
     for point in points:
-        refused = apply_point(nested, point)
-        if refused is not None:
-            print(f"  {point}: BudgetError: {refused}", flush=True)
-            rows.append(Row(point))
-            continue
-        fraction = flops_fraction(nested, seq_len=seq_len)
-        times = interleaved({"dense": dense_run, "nested": make_fn(nested)}, repeats,
-                            device=device)
-        secs = seconds(times)
-        rows.append(Row(point, fraction, paired_ratios(times, "dense")["nested"],
-                        secs["nested"].min / secs["dense"].min, secs["nested"], secs["dense"]))
-        print(f"  measured {point}: ratio {rows[-1].ratio.median:.3f}", flush=True)
+        runs = {"dense": dense_run}
+        for name, model in nested.items():
+            refused = apply_point(model, point)
+            if refused is not None:
+                print(f"  {name} {point}: BudgetError: {refused}", flush=True)
+                rows[name].append(Row(point))
+            else:
+                runs[name] = make_fn(model)
+        times = interleaved(runs, repeats, device=device)
+        secs, ratios = seconds(times), paired_ratios(times, "dense")
+        for name in runs.keys() - {"dense"}:
+            model = nested[name]
+            rows[name].append(Row(point, flops_fraction(model, seq_len=seq_len), ratios[name],
+                                  secs[name].min / secs["dense"].min, secs[name],
+                                  secs["dense"], mean_rank(model)))
+        print(f"  measured {point}: " + ", ".join(
+            f"{n} {rows[n][-1].ratio.median:.3f}" for n in nested if rows[n][-1].ratio), flush=True)
     return rows
 
 
@@ -137,15 +159,16 @@ def report(title: str, rows: list[Row], digits: int) -> None:
     for row in rows:
         label = row.point if isinstance(row.point, str) else f"{row.point:.2f}"
         if row.fraction is None:
-            body.append([label, "below floor", "", "", "", "", "", ""])
+            body.append([label, "below floor", "", "", "", "", "", "", ""])
             continue
         line, ratio = ideal(row.fraction), row.ratio
-        body.append([label, f"{row.fraction:.3f}", f"{line:.3f}", f"{ratio.median:.3f}",
+        body.append([label, f"{row.fraction:.3f}", f"{row.rank:.3f}", f"{line:.3f}",
+                     f"{ratio.median:.3f}",
                      f"{ratio.min:.3f}-{ratio.max:.3f}", f"{ratio.median - line:+.3f}",
                      f"{row.best:.3f}", f"{row.nested.median * 1e3:.{digits}f} / "
                                         f"{row.dense.median * 1e3:.{digits}f}"])
     print(f"\n{title}")
-    print_table(["budget", "FLOPs", "ideal", "ratio", "min-max", "vs ideal", "best/best",
+    print_table(["budget", "FLOPs", "rank", "ideal", "ratio", "min-max", "vs ideal", "best/best",
                  "ms nested / dense"], body)
 
 
@@ -159,6 +182,58 @@ def points_for(args):
     return (FLOOR, *budgets)
 
 
+BUYS = (0.5, 0.75, 0.9)
+
+
+def buys(models: dict, seq_len: int) -> None:
+    """The rank fraction a budget buys, per path: one square 768 layer, the whole model."""
+    body = []
+    for budget in BUYS:
+        cells = [f"{budget:g}"]
+        for name, model in models.items():
+            square = NestedLinear(768, 768, 768)
+            square.gauge_aligned = name == "gauge"
+            dense = square.flops_per_token(768)
+            cells.append(f"{max(r for r in range(1, 769) if square.flops_per_token(r) <= budget * dense) / 768:.3f}")
+        for name, model in models.items():
+            set_budget(model, budget, seq_len=seq_len)
+            cells.append(f"{mean_rank(model):.3f}")
+        body.append(cells)
+    names = list(models)
+    print(f"\nrank fraction bought (uniform ranks; whole model at seq_len {seq_len})")
+    print_table(["budget", *(f"square 768, {n}" for n in names),
+                 *(f"model, {n}" for n in names)], body)
+
+
+def held_bytes(model) -> int:
+    """Parameters plus every inference cache the nested layers hold."""
+    total = sum(p.numel() * p.element_size() for p in model.parameters())
+    for m in nested_layers(model).values():
+        for cached in (m._merged, m._columns):
+            total += 0 if cached is None else cached.numel() * cached.element_size()
+        if m._pair is not None:
+            total += m._pair.numel() * m._pair.k.element_size()
+    return total
+
+
+def memory(dense, models: dict, ids) -> None:
+    """Bytes held after a forward at budget 0.9, against dense and against the bound
+    "factors + one dense copy of each layer that runs dense"."""
+    base = sum(p.numel() * p.element_size() for p in dense.parameters())
+    body = []
+    for name, model in models.items():
+        set_budget(model, 0.9)
+        prefill_fn(model, ids)()
+        layers = nested_layers(model).values()
+        bound = sum(p.numel() * p.element_size() for p in model.parameters()) + sum(
+            m.d_in * m.d_out * m.A.element_size() for m in layers if m.uses_dense())
+        held = held_bytes(model)
+        body.append([name, f"{held / 1e6:.0f}", f"{held / base:.3f}", f"{bound / 1e6:.0f}",
+                     "yes" if held <= bound else "NO"])
+    print(f"\nmemory held at budget 0.9 (dense model: {base / 1e6:.0f} MB)")
+    print_table(["path", "MB", "/ dense", "bound MB", "within"], body)
+
+
 def run_family(family, args):
     device = args.device
     repeats = args.repeats or (2 if args.quick else 3)
@@ -168,15 +243,21 @@ def run_family(family, args):
     convert_model(nested, nest_head=args.nest_head and is_decoder(family))
     print(f"\n== {family}: {sum(p.numel() for p in dense.parameters()) / 1e6:.0f}M parameters, "
           f"converted in {time.perf_counter() - start:.1f} s", flush=True)
+    before = copy.deepcopy(nested)
+    use_gauge(before, False)
+    nested = {"before": before, "gauge": nested}
+    buys(nested, args.seq_len)
     points = points_for(args)
     gen = torch.Generator().manual_seed(0)
     vocab = dense.config.vocab_size
     if not args.skip_prefill:
         ids = torch.randint(0, vocab, (args.batch, args.seq_len), generator=gen).to(device)
+        memory(dense, nested, ids)
         rows = measure(dense, nested, points, lambda m: prefill_fn(m, ids), args.seq_len,
                        repeats, device)
-        report(f"{family} prefill, batch {args.batch} x {args.seq_len} "
-               f"(latency ratio nested / dense)", rows, digits=0)
+        for name, path_rows in rows.items():
+            report(f"{family} prefill, batch {args.batch} x {args.seq_len}, {name} "
+                   f"(latency ratio nested / dense)", path_rows, digits=0)
     if is_decoder(family) and not args.skip_decode:
         steps = 8 if args.quick else args.new_tokens
         prompt = torch.randint(0, vocab, (1, args.prompt), generator=gen).to(device)
@@ -184,8 +265,10 @@ def run_family(family, args):
         context = args.prompt + steps // 2
         rows = measure(dense, nested, points, lambda m: decode_fn(m, prompt, tokens, device),
                        context, repeats, device)
-        report(f"{family} decode with KV cache, batch 1, prompt {args.prompt}, {steps} steps "
-               f"(per-token latency ratio; FLOPs at context {context})", rows, digits=1)
+        for name, path_rows in rows.items():
+            report(f"{family} decode with KV cache, batch 1, prompt {args.prompt}, {steps} "
+                   f"steps, {name} (per-token latency ratio; FLOPs at context {context})",
+                   path_rows, digits=1)
 
 
 def main():

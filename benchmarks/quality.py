@@ -19,6 +19,11 @@ whitened+global (plus the nested global ordering). Each is measured at 25%, 50% 
 
     python benchmarks/quality.py            # ~10-15 minutes on a shared 2-core CPU
     python benchmarks/quality.py --quick    # smoke run
+    python benchmarks/quality.py --payoff   # what the gauge-aligned path buys (issue 13)
+
+`--payoff`: one method (svd+uniform), finetuned as above, then at budgets 0.5, 0.75 and
+0.9 with the inference paths of before the gauge-aligned form (factored up to the
+break-even rank, merged above) and with it: the same model, the same budget, more rank.
 """
 
 from __future__ import annotations
@@ -39,6 +44,7 @@ ROOT = Path(__file__).resolve().parents[1]
 TOPICS = ROOT / "recipes" / "data" / "topics.jsonl"
 FINE_TOPICS = ROOT / "recipes" / "data" / "fine-topics.jsonl"
 BUDGETS = (0.25, 0.5, 0.75)
+PAYOFF_ONLY = {"on": False}
 METHODS = {  # name -> (calibrate?, allocation)
     "svd+uniform (paper)": (False, "uniform"),
     "whitened+uniform": (True, "uniform"),
@@ -207,6 +213,38 @@ def measure(project: Path, batches, task: str, labels) -> dict:
     return out
 
 
+PAYOFF_BUDGETS = (0.5, 0.75, 0.9)
+
+
+def payoff(project: Path, batches, task: str, labels) -> dict:
+    """{budget: {path: (metric, nll, mean rank fraction)}} for the old and new paths."""
+    from nsn_cli import load, set_budget
+    from nsn_cli.nested.layer import use_gauge
+    from nsn_cli.nested.surgery import nested_layers
+
+    model, _ = load(project)
+    layers = nested_layers(model)
+    out = {}
+    for budget in PAYOFF_BUDGETS:
+        out[budget] = {}
+        for name, on in (("before", False), ("gauge", True)):
+            use_gauge(model, on)
+            choice = set_budget(model, budget)
+            rank = sum(choice.ranks[n] / m.max_rank for n, m in layers.items()) / len(layers)
+            out[budget][name] = (*score(model, batches, task, labels), rank)
+    return out
+
+
+def payoff_table(title: str, metric: str, result: dict) -> str:
+    lines = [f"{title} — {metric}, before / with the gauge-aligned path", "",
+             "| budget | rank before | rank gauge | before | gauge |", "|---:|---:|---:|---:|---:|"]
+    for budget, row in result.items():
+        before, gauge = row["before"], row["gauge"]
+        lines.append(f"| {budget:g} | {before[2]:.3f} | {gauge[2]:.3f} | "
+                     f"{cell(before[:2])} | {cell(gauge[:2])} |")
+    return "\n".join(lines)
+
+
 def run_method(work: Path, source: Path, task: str, train: Path, method: str, ft_steps: int,
                test_batches, labels, seq_len: int, calib_samples: int) -> dict:
     from nsn_cli.stages.config import ConvertConfig, FinetuneConfig
@@ -227,6 +265,8 @@ def run_method(work: Path, source: Path, task: str, train: Path, method: str, ft
                                 eval_samples=8,  # its own held-out check; we measure below
                                 label_column="label" if task == "seq-cls" else ""))
         result["after"] = measure(project, test_batches, task, labels)
+    if PAYOFF_ONLY["on"]:
+        result["payoff"] = payoff(project, test_batches, task, labels)
     result["seconds"] = time.perf_counter() - start
     return result
 
@@ -271,6 +311,12 @@ def run_setup(name: str, work: Path, args) -> str:
     batches, labels = eval_batches(test, tokenizer, task, seq_len, limit)
     dense = score(model, batches, task, labels)
     results = {}
+    if PAYOFF_ONLY["on"]:
+        r = run_method(work, source, task, train, "svd+uniform (paper)", args.ft_steps,
+                       batches, labels, seq_len, samples)
+        metric = "accuracy % (NLL)" if name == "seq-cls" else "perplexity"
+        return payoff_table(f"{name}, svd+uniform after {args.ft_steps} finetune steps "
+                            f"(dense {cell(dense)})", metric, r["payoff"])
     for method in METHODS:
         results[method] = run_method(work, source, task, train, method, args.ft_steps, batches,
                                      labels, seq_len, samples)
@@ -295,7 +341,10 @@ def main() -> None:
                         help="dense task finetune (MiniLM)")
     parser.add_argument("--lm-steps", type=int, default=None, help="pretraining steps (small LM)")
     parser.add_argument("--eval-blocks", type=int, default=64, help="held-out LM blocks")
+    parser.add_argument("--payoff", action="store_true",
+                        help="only the gauge-aligned payoff: svd+uniform, budgets 0.5-0.9")
     args = parser.parse_args()
+    PAYOFF_ONLY["on"] = args.payoff
     # One thread by default: on a shared 2-core machine two threads per process
     # oversubscribe the cores and every step runs several times slower.
     args.threads = args.threads or 1

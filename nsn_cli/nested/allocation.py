@@ -8,11 +8,17 @@ longest prefix of that ordering it can afford. Raising the budget only appends
 components, so every layer stays nested and one model still serves every budget.
 
 Within a layer the order must stay a prefix (component i before i+1). Values fall
-with i, but costs do not rise: above the break-even rank a layer runs dense and its
-further components cost nothing. Runs whose value per FLOP would rise are pooled into
-blocks (pool-adjacent-violators), so each layer's blocks have falling value per FLOP;
-merging all layers' blocks by that ratio keeps every layer's order and is the greedy
-optimum for this concave problem.
+with i, but costs fall too: gauge-aligned (nested/gauge.py), component i+1 adds
+2·(d_in + d_out − 2i − 1) FLOPs, less for each later one, and from the layer's
+`dense_from` rank on nothing at all (after one step up to the dense cost). So value per
+FLOP can rise along a layer. Runs where it would are pooled into blocks (pool-adjacent
+violators): each layer's blocks trace the upper concave envelope of its (cost, value)
+curve, with falling value per FLOP. Merging all layers' blocks by that ratio keeps every
+layer's order, and every block boundary of the merged order is optimal for its cost,
+for any positive costs (the Lagrangian argument: at λ = the current block's ratio the
+prefix maximises value − λ·cost over all rank settings, so no setting costing as
+little holds more value). tests/nested/test_allocation.py checks this against brute
+force on small layers with the real gauge costs.
 
 Every layer keeps at least one component (rank 1 is the floor); the ordering lists the
 components from the second on, as indices into the list of layer names.
@@ -137,8 +143,8 @@ def global_order(model: nn.Module, energies: dict[str, torch.Tensor] | None = No
     table = cost_table(model)
     layers = nested_layers(model)
     names = list(layers)
-    entries = []  # (-ratio, layer index, start, stop)
-    for index, name in enumerate(names):
+    gains, costs = [], []
+    for name in names:
         layer = layers[name]
         energy = (energies or {}).get(name)
         if energy is None:
@@ -146,13 +152,21 @@ def global_order(model: nn.Module, energies: dict[str, torch.Tensor] | None = No
         share = energy / energy.sum().clamp_min(1e-300)
         share = (share * (weights or {}).get(name, 1.0)).tolist()
         per = seq_len if table.nested.get(name, False) else 1
-        cost = [(layer.flops_per_token(r + 1) - layer.flops_per_token(r)) / per
-                for r in range(1, layer.max_rank)]
-        for start, stop, ratio in layer_blocks(share[1:], cost):
+        gains.append(share[1:])
+        costs.append([(layer.flops_per_token(r + 1) - layer.flops_per_token(r)) / per
+                      for r in range(1, layer.max_rank)])
+    return names, torch.tensor(merge_blocks(gains, costs), dtype=torch.long)
+
+
+def merge_blocks(gains: list[list[float]], costs: list[list[float]]) -> list[int]:
+    """The global ordering (layer indices) from each layer's gains and marginal costs of
+    its components 2..R: every layer's blocks, best value per FLOP first."""
+    entries = []  # (-ratio, layer index, start, stop)
+    for index, (gain, cost) in enumerate(zip(gains, costs)):
+        for start, stop, ratio in layer_blocks(gain, cost):
             entries.append((-ratio, index, start, stop))
     entries.sort()
-    order = [index for _, index, start, stop in entries for _ in range(start, stop)]
-    return names, torch.tensor(order, dtype=torch.long)
+    return [index for _, index, start, stop in entries for _ in range(start, stop)]
 
 
 def layer_sensitivity(model: nn.Module, batches: list[dict], energies: dict[str, torch.Tensor],

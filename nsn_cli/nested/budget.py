@@ -3,8 +3,10 @@
 FLOPs per token are defined once, here, and match what `torch.utils.flop_counter`
 counts for one forward pass divided by the number of tokens:
 
-* every linear layer: 2·d_in·d_out per row it processes (a nested layer at rank r:
-  2·min(r·(d_in + d_out), d_in·d_out), since above break-even it runs dense);
+* every linear layer: 2·d_in·d_out per row it processes; a nested layer at rank r
+  what its inference path costs (`NestedLinear.path`): gauge-aligned 2·r·(d_in + d_out − r),
+  dense 2·d_in·d_out from its `dense_from` rank on (and when gauge-aligned is off,
+  factored 2·r·(d_in + d_out) up to the break-even rank);
   layers that run once per sequence (a pooler, a classifier on [CLS]) count 1/seq_len;
 * attention: the score (QKᵀ) and value (AV) matmuls, 4·seq_len·heads·head_dim per layer;
 * embeddings, norms, activations and softmax: 0 (no matmul).
@@ -229,7 +231,7 @@ def floor_message(model: nn.Module, table: CostTable, floor: float, budget: floa
         text += "; attention grows with the sequence: the floor is lower for shorter ones"
     if share >= 0.01:
         d_in, d_out, per_seq = table.dense[name]
-        lower = floor - share + 2 * (d_in + d_out) / (seq_len if per_seq else 1) / dense
+        lower = floor - share + 2 * (d_in + d_out - 1) / (seq_len if per_seq else 1) / dense
         shared_with = weight_sharers(model, name)
         if shared_with:
             text += (f"; the largest, {name} ({share:.3f}), shares its weight with "

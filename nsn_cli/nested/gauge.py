@@ -8,7 +8,9 @@ with Û = F_r[rest] S⁻¹ and K = S G_rᵀ, rows P of the product are K·v and 
 
 Which side is F: the layer's smaller dimension n = min(d_in, d_out), because the form
 needs one gather over that side per row (the identity rows sit in pivot order). With
-d_out ≤ d_in, F = B and the output is gathered; otherwise F = Aᵀ, G = B and the input is.
+d_out < d_in, F = B and the output is gathered; otherwise (square layers too) F = Aᵀ,
+G = B and the input is: that side runs as three ops (gather, two matmuls), the output
+side as four, which shows on one-row decoding steps.
 
 Pivots: Gaussian elimination with partial pivoting on F (all R columns, once per factor
 version). Step k picks its row looking only at columns ≤ k, so the first r pivots are
@@ -36,6 +38,8 @@ GROWTH_LIMIT = 1e3
 # Measured (benchmarks/inference.py --gauge-cost, CPU, fp32, n = 768): gathering one
 # element of a row costs about as much as this many FLOPs of the matmuls around it.
 GATHER_FLOPS = 40
+# From this many rows on, the output side writes into one buffer instead of concatenating.
+BUFFER_FROM_ROWS = 64
 
 
 @dataclass
@@ -55,7 +59,10 @@ class Pair:
     rank: int
     u_hat: torch.Tensor  # (n − r) × r
     k: torch.Tensor  # output side: r × d_in; input side: r × d_out
-    bias: torch.Tensor | None  # output side: the bias in pivot order; input side: as is
+    # Output side: the bias of rows P, and of the rest minus Û·(that), so that
+    # z = K x + b_P feeds Û directly; input side: the bias as is.
+    bias: torch.Tensor | None
+    bias_rest: torch.Tensor | None = None
 
     def numel(self) -> int:
         return self.u_hat.numel() + self.k.numel()
@@ -71,7 +78,7 @@ def dense_from(d_in: int, d_out: int) -> int:
 def side_factor(A: torch.Tensor, B: torch.Tensor) -> tuple[bool, torch.Tensor, torch.Tensor]:
     """(output_side, F, G) with W = F Gᵀ (output side) or Wᵀ = F Gᵀ, F on the smaller side."""
     d_out, d_in = B.shape[0], A.shape[1]
-    if d_out <= d_in:
+    if d_out < d_in:
         return True, B, A.t()
     return False, A.t(), B
 
@@ -112,28 +119,47 @@ def build_pair(A: torch.Tensor, B: torch.Tensor, bias: torch.Tensor | None, pivo
     if not (torch.isfinite(u_hat).all() and torch.isfinite(k).all()) or (
             u_hat.numel() and float(u_hat.abs().max()) > GROWTH_LIMIT):
         return None
-    dtype = A.dtype
-    if bias is not None:
-        bias = bias.detach()
-        bias = (bias[pivots.perm] if pivots.output_side else bias).to(dtype).contiguous()
-    return Pair(rank, u_hat.to(dtype).contiguous(), k.to(dtype).contiguous(), bias)
+    dtype, rest_bias = A.dtype, None
+    if bias is not None and pivots.output_side:
+        wide_bias = bias.detach().double()
+        rest_bias = (wide_bias[rest] - u_hat @ wide_bias[chosen]).to(dtype)
+        bias = bias.detach()[chosen].to(dtype)
+    elif bias is not None:
+        bias = bias.detach().to(dtype)
+    return Pair(rank, u_hat.to(dtype).contiguous(), k.to(dtype).contiguous(), bias, rest_bias)
 
 
 def apply_pair(x: torch.Tensor, pair: Pair, pivots: Pivots, d_out: int) -> torch.Tensor:
     """y = W_r x + b through the pair: two matmuls and one gather over the smaller side."""
-    r = pair.rank
     rows = x.reshape(-1, x.shape[-1])
     if pivots.output_side:
-        out = torch.empty(rows.shape[0], d_out, dtype=x.dtype, device=x.device)
-        z = torch.mm(rows, pair.k.t(), out=out[:, :r])
-        if pair.bias is None:
-            torch.mm(z, pair.u_hat.t(), out=out[:, r:])
-        else:
-            torch.addmm(pair.bias[r:], z, pair.u_hat.t(), out=out[:, r:])
-            z.add_(pair.bias[:r])
-        out = out.index_select(1, pivots.inverse)
+        out = _output_side(rows, pair).index_select(1, pivots.inverse)
     else:
+        r = pair.rank
         gathered = rows.index_select(1, pivots.perm)
         t = torch.addmm(gathered[:, :r], gathered[:, r:], pair.u_hat)
         out = torch.mm(t, pair.k) if pair.bias is None else torch.addmm(pair.bias, t, pair.k)
     return out.view(*x.shape[:-1], d_out)
+
+
+def _output_side(rows: torch.Tensor, pair: Pair) -> torch.Tensor:
+    """[z, Û z] in pivot order, z = K x + b_P. A large batch writes both halves into one
+    buffer (no concatenation pass); a few rows concatenate, because matmuls into a
+    strided output cost a copy that dominates one-row products."""
+    k_t, u_t = pair.k.t(), pair.u_hat.t()
+    if rows.shape[0] < BUFFER_FROM_ROWS:
+        if pair.bias is None:
+            z = torch.mm(rows, k_t)
+            return torch.cat([z, torch.mm(z, u_t)], 1)
+        z = torch.addmm(pair.bias, rows, k_t)
+        return torch.cat([z, torch.addmm(pair.bias_rest, z, u_t)], 1)
+    r = pair.rank
+    out = torch.empty(rows.shape[0], r + pair.u_hat.shape[0], dtype=rows.dtype,
+                      device=rows.device)
+    if pair.bias is None:
+        z = torch.mm(rows, k_t, out=out[:, :r])
+        torch.mm(z, u_t, out=out[:, r:])
+    else:
+        z = torch.addmm(pair.bias, rows, k_t, out=out[:, :r])
+        torch.addmm(pair.bias_rest, z, u_t, out=out[:, r:])
+    return out

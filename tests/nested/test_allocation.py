@@ -253,3 +253,43 @@ def test_auto_allocation_is_global_only_with_calibration():
     convert_model(plain)
     assert isinstance(nested_state(calibrated).settings, GlobalSettings)
     assert nested_state(plain).settings is None
+
+
+def test_global_order_is_optimal_at_every_block_boundary_with_gauge_costs():
+    """Brute force over every rank setting of three small layers, with the real
+    rank-dependent costs (falling gauge marginals, one layer that turns dense): each
+    prefix of the ordering that ends on block boundaries holds the most value any
+    setting of no greater cost holds."""
+    import itertools
+
+    from nsn_cli.nested.allocation import merge_blocks
+    from nsn_cli.nested.layer import NestedLinear
+
+    layers = [NestedLinear(200, 300, 5), NestedLinear(40, 40, 7), NestedLinear(30, 30, 9)]
+    assert layers[2].dense_from <= 9 and all(m.dense_from > m.max_rank for m in layers[:2])
+    for m in layers:
+        torch.nn.init.normal_(m.A, generator=torch.Generator().manual_seed(m.d_in))
+        torch.nn.init.normal_(m.B, generator=torch.Generator().manual_seed(m.d_out))
+    gen = torch.Generator().manual_seed(3)
+    gains = [sorted(torch.rand(m.max_rank - 1, generator=gen).tolist(), reverse=True)
+             for m in layers]
+    costs = [[m.flops_per_token(r + 1) - m.flops_per_token(r) for r in range(1, m.max_rank)]
+             for m in layers]
+
+    def value_cost(ranks):
+        return (sum(sum(g[:r - 1]) for g, r in zip(gains, ranks)),
+                sum(m.flops_per_token(r) for m, r in zip(layers, ranks)))
+
+    every = [value_cost(ranks) for ranks in
+             itertools.product(*(range(1, m.max_rank + 1) for m in layers))]
+    boundaries = [{stop + 1 for _, stop, _ in layer_blocks(g, c)} | {1}
+                  for g, c in zip(gains, costs)]
+    order, ranks, checked = merge_blocks(gains, costs), [1, 1, 1], 0
+    for index in order:
+        ranks[index] += 1
+        if all(r in b for r, b in zip(ranks, boundaries)):
+            value, cost = value_cost(ranks)
+            best = max(v for v, c in every if c <= cost)
+            assert value >= best - 1e-12, (ranks, value, best)
+            checked += 1
+    assert ranks == [m.max_rank for m in layers] and checked >= 5

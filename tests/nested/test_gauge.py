@@ -51,7 +51,7 @@ def relative_error(out, expected):
 # ---------------------------------------------------------------- numerics
 
 @pytest.mark.parametrize("name, side", [
-    ("encoder.layer.0.attention.self.query", "output"),  # 384 x 384
+    ("encoder.layer.0.attention.self.query", "input"),  # 384 x 384: square layers gather x
     ("encoder.layer.3.intermediate.dense", "input"),  # 384 -> 1536: gathers the input
     ("encoder.layer.5.output.dense", "output"),  # 1536 -> 384: gathers the output
 ])

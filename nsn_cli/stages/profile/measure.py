@@ -146,9 +146,9 @@ def active_weights(model: nn.Module) -> tuple[int, int]:
     """(parameters, bytes read by the forward) at the active setting.
 
     Parameters count what a factored export of the setting holds: r·(d_in + d_out)
-    per nested layer plus every other parameter. Bytes count what the forward reads:
-    the factor prefixes, or the merged d_out × d_in matrix for a layer above its
-    break-even rank, plus every other parameter.
+    per nested layer plus every other parameter. Bytes count what the forward reads on
+    the path each layer takes (half its FLOPs per row): the gauge-aligned pair
+    r·(d_in + d_out − r), the merged d_out × d_in matrix, or the factor prefixes.
     """
     layers = nested_layers(model)
     inside = {id(p) for layer in layers.values() for p in layer.parameters()}
@@ -162,5 +162,5 @@ def active_weights(model: nn.Module) -> tuple[int, int]:
         factored = layer.rank * (layer.d_in + layer.d_out)
         bias = layer.d_out if layer.bias is not None else 0
         params += factored + bias
-        bytes_read += (min(factored, layer.d_in * layer.d_out) + bias) * size
+        bytes_read += (layer.flops_per_token() // 2 + bias) * size
     return params, bytes_read
