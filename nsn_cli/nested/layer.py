@@ -189,12 +189,11 @@ class NestedLinear(nn.Module):
             if r > self._break_even and not self._factored_trains_cheaper(x, r):
                 return F.linear(x, self.merged_weight(), bias)
             return F.linear(F.linear(x, A[:r]), B[:, :r], bias)
-        path = self.path(r)
-        if path == "gauge":
-            pair = self.gauge_pair()
+        if self.gauge_aligned and r < self._dense_from:
+            pair = self.gauge_pair()  # the cached pair, checked first: no path() per call
             if pair is not None:
                 return apply_pair(x, pair, self._pivots, self.d_out)
-            path = self.path(r)  # the build failed: this rank now takes the fallback
+        path = self.path(r)  # not gauge-aligned at this rank (or its block failed)
         if path == "dense":
             return F.linear(x, self.merged_weight(), bias)
         # Inference: A[:r] is a contiguous block of rows; B[:, :r] is strided, so it is
@@ -247,6 +246,8 @@ class NestedLinear(nn.Module):
         key = (r, *self.factor_key(), None if bias is None else (bias._version, bias.data_ptr()))
         if self._pair is not None and self._fresh(self._pair.k, key, self._pair_key):
             return self._pair
+        if self.path(r) != "gauge":
+            return None
         pair = build_pair(self.A, self.B, bias, self.pivots(), r)
         if pair is None:
             self._failed.add(r)
