@@ -40,6 +40,8 @@ QUICK_SWITCHES = ((1.0, 0.5), (0.5, 1.0), (1.0, 0.9))
 def parse_args():
     parser = base_parser(__doc__.split("\n")[0], batch=8)
     parser.add_argument("--model", default="gpt2", help="gpt2 (default), bert or llama shape")
+    parser.add_argument("--switches", default=None,
+                        help="comma-separated a:b budget switches (default: a fixed set)")
     return parser.parse_args()
 
 
@@ -104,6 +106,8 @@ def main():
     print(machine_line(args.device))
     repeats = args.repeats or (2 if args.quick else 3)
     switches = QUICK_SWITCHES if args.quick else SWITCHES
+    if args.switches:
+        switches = [tuple(float(b) for b in pair.split(":")) for pair in args.switches.split(",")]
     gauge = build_model(args.model).to(args.device)
     convert_model(gauge)
     before = copy.deepcopy(gauge)
