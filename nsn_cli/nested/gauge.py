@@ -145,9 +145,11 @@ def apply_pair(x: torch.Tensor, pair: Pair, pivots: Pivots, d_out: int) -> torch
 def _output_side(rows: torch.Tensor, pair: Pair) -> torch.Tensor:
     """[z, Û z] in pivot order, z = K x + b_P. A large batch writes both halves into one
     buffer (no concatenation pass); a few rows concatenate, because matmuls into a
-    strided output cost a copy that dominates one-row products."""
+    strided output cost a copy that dominates one-row products (and under autocast,
+    which does not cast the inputs of out= variants)."""
     k_t, u_t = pair.k.t(), pair.u_hat.t()
-    if rows.shape[0] < BUFFER_FROM_ROWS:
+    if (rows.shape[0] < BUFFER_FROM_ROWS or rows.dtype != pair.k.dtype
+            or torch.is_autocast_enabled(rows.device.type)):  # autocast skips out= ops
         if pair.bias is None:
             z = torch.mm(rows, k_t)
             return torch.cat([z, torch.mm(z, u_t)], 1)

@@ -124,6 +124,18 @@ def test_half_precision_pair_is_built_wide_and_rounded_once(dtype):
     assert relative_error(out, reference(layer, x)) < 2e-2
 
 
+@pytest.mark.parametrize("d_in, d_out", [(96, 64), (64, 96)])
+@pytest.mark.parametrize("rows", [3, 80])  # the concatenating and the buffered output side
+def test_autocast_runs_the_pair_in_low_precision(d_in, d_out, rows):
+    layer = random_layer(d_in, d_out)
+    layer.set_rank(20)
+    x = torch.randn(rows, d_in)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        out = layer(x)
+    assert layer.path() == "gauge" and out.dtype == torch.bfloat16
+    assert relative_error(out, reference(layer, x)) < 3e-2
+
+
 # ---------------------------------------------------------------- cost
 
 @pytest.mark.parametrize("d_in, d_out, bias", [(96, 64, True), (64, 96, False), (80, 80, True)])
