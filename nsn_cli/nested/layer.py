@@ -5,21 +5,14 @@ every compute budget. Per token the factored form costs 2·r·(d_in + d_out) FLO
 dense layer 2·d_in·d_out, and the gauge-aligned form (nested/gauge.py) of the same
 product 2·r·(d_in + d_out − r): below both at every rank, so there is no break-even.
 
-Which path a forward takes (`path`), and what `flops_per_token` therefore counts:
-
-* under autograd (training) and in `transient` probes: the factored form (above the
-  break-even rank r* = d_in·d_out/(d_in + d_out), and when the batch is large enough,
-  the merged matrix, rebuilt each step so gradients reach A and B);
-* inference, `gauge_aligned` on (the default): gauge-aligned below `dense_from`, the
-  merged dense matrix from there on. The rule is measured cost, not FLOPs alone: the
-  gauge form gathers one row of its smaller side n = min(d_in, d_out) per token, which
-  costs about GATHER_FLOPS FLOPs of matmul per element (gauge.py), so near full rank,
-  where its 2·(n − r)·(m − r) saved FLOPs fall below that, dense is faster. At low
-  rank the factored form would win by at most that same gather (≤ 3% of the layer's
-  dense cost at n = 768); the gauge form stays there so the cost of a layer rises
-  with its rank (the budget search and the global allocation rely on that). A rank
-  whose pivot block is ill-conditioned falls back to the next rule;
-* inference, `gauge_aligned` off, or that fallback: factored up to r*, merged above.
+Which path a forward takes is `path` (the rule, and why, in docs/performance.md):
+training and `transient` probes run factored (merged above the break-even rank
+r* = d_in·d_out/(d_in + d_out) for large batches); inference runs gauge-aligned below
+`dense_from` and merged from there, because near full rank the gauge form's gather of
+one row of its smaller side (about GATHER_FLOPS FLOPs per element, measured) costs more
+than the 2·(n − r)·(m − r) FLOPs it saves; an ill-conditioned block, or
+`gauge_aligned = False`, falls back to factored up to r* and merged above.
+`flops_per_token` counts the path taken.
 """
 
 from __future__ import annotations
@@ -34,7 +27,8 @@ from torch import nn
 from nsn_cli.nested.gauge import Pair, Pivots, apply_pair, build_pair, dense_from, find_pivots
 from nsn_cli.nested.products import ALIGN, MAX_INCREMENTS, PAD_FROM_ROWS, padded_product, remerge
 
-__all__ = ["MAX_INCREMENTS", "NestedLinear", "release_caches", "transient", "use_gauge"]
+__all__ = ["MAX_INCREMENTS", "NestedLinear", "evaluating", "release_caches", "transient",
+           "use_gauge"]
 
 
 class _Transient(threading.local):
