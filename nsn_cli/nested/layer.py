@@ -96,7 +96,7 @@ class NestedLinear(nn.Module):
         self.rank = max_rank
         self._break_even = d_in * d_out / (d_in + d_out)
         self.gauge_aligned = True  # False: the factored/merged paths only (benchmarks)
-        self._dense_from = dense_from(d_in, d_out)
+        self.dense_from = dense_from(d_in, d_out)  # the lowest rank that runs dense
         # Inference caches (never saved, rebuilt after any in-place update of A or B):
         # the merged dense matrix at one rank, and Bᵀ, in which every rank is a prefix.
         self._merged: torch.Tensor | None = None
@@ -140,16 +140,11 @@ class NestedLinear(nn.Module):
             raise ValueError(f"rank must be in 1..{self.max_rank}, got {rank}")
         self.rank = int(rank)
 
-    @property
-    def dense_from(self) -> int:
-        """The lowest rank that runs dense when gauge-aligned (see the module doc)."""
-        return self._dense_from
-
     def path(self, rank: int | None = None) -> str:
         """"gauge", "factored" or "dense": how an inference forward runs at `rank`."""
         r = self.rank if rank is None else rank
         if self.gauge_aligned:
-            if r >= self._dense_from:
+            if r >= self.dense_from:
                 return "dense"
             if r <= self.pivots().usable and r not in self._failed:
                 return "gauge"
@@ -183,7 +178,7 @@ class NestedLinear(nn.Module):
             if r > self._break_even and not self._factored_trains_cheaper(x, r):
                 return F.linear(x, self.merged_weight(), bias)
             return F.linear(F.linear(x, A[:r]), B[:, :r], bias)
-        if self.gauge_aligned and r < self._dense_from:
+        if self.gauge_aligned and r < self.dense_from:
             pair = self.gauge_pair()  # the cached pair, checked first: no path() per call
             if pair is not None:
                 return apply_pair(x, pair, self._pivots, self.d_out)
