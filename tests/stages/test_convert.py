@@ -179,3 +179,36 @@ def converted_plain(tiny_models, tmp_path):
     out = tmp_path / "plain"
     assert runner.invoke(app, ["convert", str(tiny_models["gpt2"]), str(out)]).exit_code == 0
     return out
+
+
+def test_a_bf16_source_gives_a_bf16_project_that_finetunes_back_to_bf16(tmp_path):
+    """--dtype auto keeps bf16 (not float32, 2x the size); full rank matches the source
+    to bf16 rounding; finetune trains fp32 master weights and writes bf16 back."""
+    from safetensors import safe_open
+
+    from tests.helpers import TINY_TEXT, build_tiny, make_tokenizer, sample_ids
+    from nsn_cli.project.loading import load
+    from nsn_cli.project.manifest import WEIGHTS
+    from nsn_cli.stages.config import ConvertConfig, FinetuneConfig
+    from nsn_cli.stages.convert import convert
+    from nsn_cli.stages.finetune.stage import finetune
+
+    source = build_tiny("llama").to(torch.bfloat16)
+    source.save_pretrained(tmp_path / "src")
+    make_tokenizer().save_pretrained(tmp_path / "src")
+    convert(ConvertConfig(model=str(tmp_path / "src"), out_dir=str(tmp_path / "p")))
+
+    def dtypes():
+        with safe_open(str(tmp_path / "p" / "model" / WEIGHTS), "pt") as handle:
+            return {handle.get_slice(k).get_dtype() for k in handle.keys()}
+
+    assert dtypes() == {"BF16"}
+    model, _ = load(tmp_path / "p", dtype=torch.float32)
+    ids = sample_ids()
+    with torch.no_grad():
+        want = source.float()(input_ids=ids).logits
+        got = model(input_ids=ids).logits
+    assert float((got - want).norm() / want.norm()) < 2 ** -6  # bf16 rounding of the factors
+    finetune(FinetuneConfig(project=str(tmp_path / "p"), data=str(TINY_TEXT), seq_len=32,
+                            steps=2, batch_size=2, eval_every=0, save_every=0, eval_samples=4))
+    assert dtypes() == {"BF16"}
