@@ -47,6 +47,15 @@ class ProjectError(NsnError):
     """A project directory that is missing, corrupt, locked or from a newer nsn."""
 
 
+class DiskFullError(ProjectError):
+    """A write ran out of space; `path` is the file, `needed` its size in bytes if known.
+    The writer removed what it half-wrote before raising."""
+
+    def __init__(self, message: str, path=None, needed: int | None = None):
+        super().__init__(message)
+        self.path, self.needed = path, needed
+
+
 class ModelError(NsnError):
     """A model that cannot be loaded or converted."""
 

@@ -205,7 +205,7 @@ def run(cfg: RunConfig):
     from nsn_cli.project.safety import contained_path
 
     recipe = Path(cfg.recipe)
-    loaded = load_recipe(recipe, cfg.overrides)
+    loaded = load_recipe(recipe, cfg.overrides, cfg.trust_remote_code)
     # The recipe's name picks the default directory: it must not lead out of runs/.
     target = Path(cfg.project) if cfg.project else contained_path(
         Path("runs"), loaded.name, recipe, error=UsageError)

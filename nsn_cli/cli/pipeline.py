@@ -39,8 +39,11 @@ def profile(cfg):
     from nsn_cli.cli.render import curves as show
     from nsn_cli.stages.profile import run as stage
 
+    def note(line: str) -> None:  # e.g. a path from nsn.json that is about to be read
+        err().print(f"nsn: note: {line}", markup=False, highlight=False, soft_wrap=True)
+
     with show.progress(err()) as (on_start, on_point):
-        result = stage.profile(cfg, on_start, on_point)
+        result = stage.profile(cfg, on_start, on_point, note)
     show.print_profile(out(), result)
     return result
 

@@ -33,6 +33,7 @@ from pathlib import Path
 from nsn_cli.stages.config import STAGE_CONFIGS
 from nsn_cli.errors import UsageError, first_line
 from nsn_cli.stages.expectations import ExpectationError, parse_expectations
+from nsn_cli.project.provenance import REMOTE_CODE
 
 STAGES = ("convert", "finetune", "profile", "frontier")
 EXPECT = "expect"  # the [[expect]] tables: not a stage, so never part of a stage's hash
@@ -133,8 +134,12 @@ def parse(path: Path, text: str) -> dict:
         raise UsageError(f"{path}: not valid TOML: {exc}") from None
 
 
-def load_recipe(path, overrides: typing.Sequence[str] = ()) -> Recipe:
-    """Read, override (`stage.key=value`) and validate a recipe; no work is done."""
+def load_recipe(path, overrides: typing.Sequence[str] = (),
+                trust_remote_code: bool = False) -> Recipe:
+    """Read, override (`stage.key=value`) and validate a recipe; no work is done.
+
+    `trust_remote_code` is the person's `nsn run --trust-remote-code`: only with it may
+    the recipe (or a --set) switch on running a model's own code (provenance.py)."""
     path = Path(path)
     if not path.is_file():
         raise UsageError(f"recipe {path} not found")
@@ -146,6 +151,11 @@ def load_recipe(path, overrides: typing.Sequence[str] = ()) -> Recipe:
     for override in overrides:
         apply_override(raw, override)
     stages = resolve(path, text, raw)
+    if stages["convert"].get(REMOTE_CODE) and not trust_remote_code:
+        fail(path, text, "convert", REMOTE_CODE, "a recipe cannot switch on running the "
+             "model's own code; read that code, then pass --trust-remote-code to nsn run")
+    if trust_remote_code:
+        stages["convert"][REMOTE_CODE] = True
     anchor_paths(stages, path.parent)
     expectations = resolve_expectations(path, text, raw)
     return Recipe(path, text, str(raw.get("name") or path.stem), stages, expectations)
@@ -260,7 +270,8 @@ def check_model(recipe: Recipe) -> None:
     from transformers import AutoConfig
 
     try:
-        AutoConfig.from_pretrained(model)
+        AutoConfig.from_pretrained(model, trust_remote_code=bool(
+            recipe.stages["convert"].get(REMOTE_CODE)))  # only ever from the command line
     except (OSError, ValueError) as exc:
         first = first_line(exc)
         fail(recipe.path, recipe.text, None, "model", f"cannot find model {model!r}: {first}")

@@ -13,7 +13,7 @@ from torch import nn
 
 from nsn_cli.errors import ProjectError
 from nsn_cli.nested.allocation import CRITERION, GlobalSettings, attach_global
-from nsn_cli.project.files import atomic_write_text, sha256_file
+from nsn_cli.project.files import atomic_write_text, read_json, sha256_file
 from nsn_cli.project.manifest import manifest_path
 from nsn_cli.project.safety import contained_path
 
@@ -37,9 +37,9 @@ def read_allocation(path: Path, expected_sha256: str | None = None
     if expected_sha256 is not None and sha256_file(path) != expected_sha256:
         raise ProjectError(f"{path} does not match its checksum in nsn.json (corrupt?)")
     try:
-        doc = json.loads(path.read_text(encoding="utf-8"))
+        doc = read_json(path, ProjectError)
         return list(doc["layers"]), torch.tensor(doc["order"], dtype=torch.long)
-    except (ValueError, KeyError, TypeError) as exc:
+    except (ValueError, KeyError, TypeError, OverflowError, RuntimeError) as exc:
         raise ProjectError(f"{path} is corrupt: {exc}") from None
 
 

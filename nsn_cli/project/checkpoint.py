@@ -34,7 +34,7 @@ import torch
 from torch import nn
 
 from nsn_cli.errors import ProjectError, first_line
-from nsn_cli.project.files import atomic_write_json
+from nsn_cli.project.files import atomic_write_json, tensor_bytes, writing
 from nsn_cli.project.shards import ShardReader, fill, is_sharded, like, shard_name, write_shard
 from nsn_cli.project.staging import staging_dir
 
@@ -105,11 +105,13 @@ def save_checkpoint(root: Path, step: int, model: nn.Module, optimizer: torch.op
         model.config.to_json_file(str(tmp / "config.json"))
         if tokenizer is not None:
             tokenizer.save_pretrained(str(tmp / TOKENIZER_DIR))
-        save_model(model, str(tmp / MODEL_FILE), metadata={"format": "pt"})
+        with writing(tmp / MODEL_FILE, tensor_bytes(model.state_dict().values())):
+            save_model(model, str(tmp / MODEL_FILE), metadata={"format": "pt"})
         tensors, optimizer_meta = flatten_optimizer(optimizer)
         tensors["objective.log_vars"] = log_vars.detach().cpu().contiguous()
         tensors["rng.torch"] = torch.get_rng_state()
-        save_file(tensors, str(tmp / OPTIMIZER_FILE), metadata={"format": "pt"})
+        with writing(tmp / OPTIMIZER_FILE, tensor_bytes(tensors.values())):
+            save_file(tensors, str(tmp / OPTIMIZER_FILE), metadata={"format": "pt"})
         sizes = {p.relative_to(tmp).as_posix(): p.stat().st_size
                  for p in sorted(tmp.rglob("*")) if p.is_file()}
         atomic_write_json(tmp / STATE, {"format": FORMAT, **state, "step": step,
@@ -204,7 +206,7 @@ def read_index(root: Path) -> list[str]:
     try:
         doc = json.loads((Path(root) / INDEX).read_text(encoding="utf-8"))
         names = doc["checkpoints"]
-    except (OSError, ValueError, KeyError, TypeError):
+    except (OSError, ValueError, KeyError, TypeError, RecursionError):
         return []
     return [n for n in names if isinstance(n, str) and n.startswith("step-") and "/" not in n]
 
@@ -215,7 +217,7 @@ def complete(path: Path) -> dict | None:
         state = json.loads((path / STATE).read_text(encoding="utf-8"))
         sizes = state["files"]
         ok = all((path / name).stat().st_size == size for name, size in sizes.items())
-    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, RecursionError):
         return None
     return state if ok and state.get("format") == FORMAT else None
 
@@ -245,7 +247,7 @@ def clean_strays(root: Path) -> None:
 def read_config(checkpoint: Checkpoint):
     from transformers import AutoConfig
 
-    return AutoConfig.from_pretrained(str(checkpoint.path))
+    return AutoConfig.from_pretrained(str(checkpoint.path), trust_remote_code=False)
 
 
 def weight_files(checkpoint: Checkpoint, stem: str) -> list[Path]:

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from nsn_cli.errors import DataError, first_line, shown
+from nsn_cli.project.files import visible_files
 from nsn_cli.project.safety import check_json_columns
 
 # alias -> (hub path, config name, text column)
@@ -54,8 +55,8 @@ class TaskData:
 
 def data_files(path: Path) -> tuple[str, list[str]]:
     """(builder, files) for a local file or a directory of files of one format."""
-    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
-    files = [p for p in files if p.suffix.lower() in BUILDERS and not p.name.startswith(".")]
+    files = visible_files(path) if path.is_dir() else [path]
+    files = [p for p in files if p.suffix.lower() in BUILDERS]
     if not files:
         raise DataError(f"no data files (.txt, .jsonl, .json, .csv, .parquet) in {path}")
     builders = {BUILDERS[p.suffix.lower()] for p in files}
@@ -223,7 +224,11 @@ def label_names(train, column: str) -> list:
     if not kinds <= {int, str} or len(kinds) > 1:
         raise DataError(f"label column {column!r} must hold all strings or all integers, "
                         f"found {', '.join(sorted(k.__name__ for k in kinds))}")
-    return sorted(set(values))
+    names = sorted(set(values))
+    if len(names) < 2:  # one output is what transformers treats as regression
+        raise DataError(f"label column {column!r} holds a single class ({shown(names[0])}); a "
+                        "classifier needs at least two (with one it would train a regressor)")
+    return names
 
 
 def encode_for_classification(raw, spec: DataSpec, tokenizer, seq_len: int) -> TaskData:

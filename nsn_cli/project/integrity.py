@@ -20,7 +20,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from nsn_cli.errors import ProjectError, first_line
-from nsn_cli.project.manifest import manifest_path, read_manifest
+from nsn_cli.project.manifest import (LEGACY_WEIGHTS, MODEL_DIR, WEIGHTS, manifest_path,
+                                     read_manifest)
 from nsn_cli.project.files import sha256_file
 from nsn_cli.project.safety import contained_path, describe_nonfinite, nonfinite_in_file
 
@@ -67,6 +68,44 @@ def fast_check(project: Path, manifest: dict, under: str = "") -> None:
             problem = record_problem(project, record, full=False)
             if problem:
                 raise ProjectError(f"{project / rel} {problem}; {advice(project, manifest)}")
+    if f"{MODEL_DIR}/".startswith(under):
+        problem = modules_problem(project, manifest)
+        if problem:
+            raise ProjectError(problem)
+
+
+def weight_shapes(weights: Path) -> dict[str, list[int]]:
+    """tensor name -> shape, from the safetensors header alone (no tensor is read)."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(weights), "pt") as handle:
+            return {name: list(handle.get_slice(name).get_shape()) for name in handle.keys()}
+    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+        raise ProjectError(f"{weights} cannot be read as safetensors ({first_line(exc)})") \
+            from None
+
+
+def modules_problem(project: Path, manifest: dict) -> str | None:
+    """The first module entry of nsn.json whose numbers disagree with model.safetensors.
+
+    Checked against the file's header before anything is built, so a manifest claiming a
+    10**6-wide layer is one line here, not a terabyte allocation in `load`."""
+    weights = Path(project) / MODEL_DIR / WEIGHTS
+    if not weights.is_file():  # a project written before the rename
+        weights = Path(project) / MODEL_DIR / LEGACY_WEIGHTS
+    if not weights.is_file() or weights.is_symlink():
+        return None  # reported as missing or refused by the file checks
+    shapes = weight_shapes(weights)
+    for i, module in enumerate(manifest["modules"]):
+        name, rank = module["name"], module["max_rank"]
+        for part, shape in (("A", [rank, module["d_in"]]), ("B", [module["d_out"], rank])):
+            found = shapes.get(f"{name}.{part}")
+            if found != shape:
+                return (f"{manifest_path(project)} does not match {weights}: modules[{i}] "
+                        f"({name}) needs {part} of shape {shape}, the file holds "
+                        f"{found or 'no such tensor'}; {advice(project, manifest)}")
+    return None
 
 
 @dataclass
@@ -96,6 +135,11 @@ def verify_project(project: Path) -> VerifyReport:
         status = record_problem(project, record, full=True) or "ok"
         if status == "ok" and rel.endswith(".safetensors"):
             status = weights_problem(project / rel) or "ok"
+        if status == "ok" and rel in (f"{MODEL_DIR}/{WEIGHTS}", f"{MODEL_DIR}/{LEGACY_WEIGHTS}"):
+            try:
+                status = modules_problem(project, manifest) or "ok"
+            except ProjectError as exc:
+                status = str(exc)
         report.files.append(FileCheck(rel, record["size"], status))
     return report
 

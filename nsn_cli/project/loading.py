@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from nsn_cli.errors import ModelError, ProjectError, UsageError, first_line
+from nsn_cli.project.files import tensor_bytes, writing
 from nsn_cli.project.integrity import fast_check
 from nsn_cli.project.manifest import LEGACY_WEIGHTS, MODEL_DIR, WEIGHTS, read_manifest
 from nsn_cli.nested.surgery import ModuleSpec, build_shells
@@ -162,7 +163,8 @@ def save_model(model: nn.Module, tokenizer, dest: Path, plain: bool = False,
         return
     # save_model drops the duplicate names of tied tensors (e.g. lm_head = wte).
     name = LEGACY_WEIGHTS if plain else WEIGHTS
-    save_tensors(model, str(dest / name), metadata={"format": "pt"})
+    with writing(dest / name, tensor_bytes(model.state_dict().values())):
+        save_tensors(model, str(dest / name), metadata={"format": "pt"})
 
 
 def empty_model(task: str, config) -> nn.Module:
@@ -190,16 +192,15 @@ def load(project, device: str | torch.device = "cpu", dtype: torch.dtype | None 
     if not weights.is_file():
         raise ProjectError(f"{weights} is missing: the project is incomplete")
     config = read_model_config(model_dir)
-    model = empty_model(manifest["task"], config)
-    try:
-        build_shells(model, [ModuleSpec(**spec) for spec in manifest["modules"]])
-    except (TypeError, KeyError, AttributeError) as exc:
-        raise ProjectError(f"{project / 'nsn.json'} is corrupt: bad module entry ({exc})") from None
+    with torch.device("meta"):  # shapes only: a config claiming huge layers costs nothing
+        shell = build_model(project, manifest, config)
+    check_shapes(shell, weights)
+    model = build_model(project, manifest, config)
     load_weights(model, weights)
     model.to(device=device, dtype=dtype).eval()
     tokenizer = None
     with contextlib.suppress(OSError, ValueError):
-        tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=False)
     from nsn_cli.project.allocation_file import load_into
 
     load_into(model, project, manifest)  # the global rank ordering, when there is one
@@ -213,11 +214,40 @@ def weights_file(model_dir: Path) -> Path:
     return legacy if not weights.is_file() and legacy.is_file() else weights
 
 
+def build_model(project: Path, manifest: dict, config) -> nn.Module:
+    """The architecture of `config` with NestedLinear shells where the manifest says."""
+    try:
+        model = empty_model(manifest["task"], config)
+    except (ValueError, RuntimeError, OverflowError, TypeError) as exc:
+        raise ProjectError(f"{project / MODEL_DIR / 'config.json'} does not describe a model "
+                           f"transformers can build: {first_line(exc)}") from None
+    try:
+        build_shells(model, [ModuleSpec(**spec) for spec in manifest["modules"]])
+    except (TypeError, KeyError, AttributeError) as exc:
+        raise ProjectError(f"{project / 'nsn.json'} is corrupt: bad module entry ({exc})") from None
+    return model
+
+
+def check_shapes(shell: nn.Module, weights: Path) -> None:
+    """Every tensor the model (built on the meta device) and the file both name must have
+    one shape: a config.json whose numbers disagree with the weights is one line here."""
+    from nsn_cli.project.integrity import weight_shapes
+
+    shapes = weight_shapes(weights)
+    for name, tensor in shell.state_dict().items():
+        found = shapes.get(name)
+        if found is not None and found != list(tensor.shape):
+            raise ProjectError(f"{weights} does not match {weights.parent / 'config.json'}: "
+                               f"{name} is {found} in the file but {list(tensor.shape)} in the "
+                               "model the config describes (the project is corrupt)")
+
+
 def read_model_config(model_dir: Path):
     from transformers import AutoConfig
 
     try:
-        return AutoConfig.from_pretrained(model_dir)
+        # A project is a file from anyone: its auto_map never runs, and never prompts.
+        return AutoConfig.from_pretrained(model_dir, trust_remote_code=False)
     except (OSError, ValueError, KeyError, TypeError) as exc:
         first = first_line(exc)
         raise ProjectError(f"{model_dir / 'config.json'} cannot be read: {first}") from None

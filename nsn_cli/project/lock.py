@@ -111,7 +111,7 @@ def write_holder(fd: int, command: str) -> None:
 def read_holder(path: Path) -> dict:
     """The holder's note; it may be a moment late, so look a few times."""
     for _ in range(50):
-        with contextlib.suppress(OSError, ValueError):
+        with contextlib.suppress(OSError, ValueError, RecursionError):
             info = json.loads(path.read_text(encoding="utf-8"))
             if isinstance(info, dict) and "pid" in info:
                 return info

@@ -13,12 +13,11 @@ the newest record of a path is the one that counts (`integrity.current_records`)
 
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 
 from nsn_cli.errors import ProjectError
-from nsn_cli.project.files import atomic_write_json
+from nsn_cli.project.files import atomic_write_json, read_json
 from nsn_cli.version import __version__
 from nsn_cli.project.safety import path_problem
 
@@ -40,6 +39,7 @@ RECIPE_KEYS = {"path": str, "sha256": str, "name": str, "stages": dict, "started
 MODULE_KEYS = {"name": str, "kind": str, "d_in": int, "d_out": int, "max_rank": int,
                "bias": bool}
 MODULE_KINDS = ("linear", "conv1d")
+MAX_DIM = 2**24  # wider than any layer of any model (vocabularies included): corrupt
 MODULE_NAME = re.compile(r"[A-Za-z0-9_]+(\.[A-Za-z0-9_]+)*")
 STAGE_KEYS = {"config": dict, "outputs": list, "summary": dict}
 RECORD_KEYS = {"path": str, "sha256": str, "size": int}
@@ -60,10 +60,7 @@ def read_manifest(project: Path) -> dict:
         raise ProjectError(f"project directory {project} does not exist (run `nsn convert` first)")
     if not path.is_file():
         raise ProjectError(f"{path} not found: {project} is not an nsn project (run `nsn convert`)")
-    try:
-        manifest = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ProjectError(f"{path} is corrupt: {exc}") from None
+    manifest = read_json(path, ProjectError)
     if not isinstance(manifest, dict):
         raise ProjectError(f"{path} is corrupt: expected a JSON object")
     return upgrade_manifest(validate_manifest(manifest, path))
@@ -122,6 +119,8 @@ def validate_module(module, where: str, path: Path) -> None:
         problem = f"name {module['name']!r} is not a module path"
     elif min(module["d_in"], module["d_out"], module["max_rank"]) < 1:
         problem = "d_in, d_out and max_rank must be positive"
+    elif max(module["d_in"], module["d_out"]) > MAX_DIM:
+        problem = f"d_in and d_out must be at most {MAX_DIM} (2**24)"
     elif module["max_rank"] > min(module["d_in"], module["d_out"]):
         problem = "max_rank exceeds min(d_in, d_out)"
     if problem:

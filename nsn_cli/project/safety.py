@@ -62,6 +62,31 @@ def symlink_on_the_way(root: Path, relative: str) -> str | None:
     return None
 
 
+def refuse_symlinks(project: Path, *names: str) -> None:
+    """Refuse, before anything is written, to write into `project/NAME` when it, a folder
+    on the way to it or anything under it is a symlink: replacing or deleting through a
+    link would change files outside the project (a symlinked `finetune/` once had its
+    target's files deleted by a fresh finetune)."""
+    project = Path(project)
+    for name in names:
+        current = project
+        for part in PurePosixPath(name).parts:
+            current = current / part
+            if current.is_symlink():
+                raise symlink_error(current)
+        if current.is_dir():
+            for folder, dirs, files in os.walk(current):  # never follows a link
+                for child in dirs + files:
+                    if os.path.islink(os.path.join(folder, child)):
+                        raise symlink_error(Path(folder, child))
+
+
+def symlink_error(link: Path) -> ProjectError:
+    return ProjectError(f"{link} is a symlink (to {os.readlink(link)}); nsn never writes or "
+                        "deletes through a symlink inside a project: replace it with a real "
+                        "directory or file and run again (nothing was changed)")
+
+
 # ---------------------------------------------------------------- non-finite weights
 
 def count_nonfinite(tensor) -> int:

@@ -28,8 +28,9 @@ import time
 from pathlib import Path
 from typing import Iterator
 
-from nsn_cli.errors import ProjectError
-from nsn_cli.project.files import ATOMIC_TMP
+from nsn_cli.errors import DiskFullError, ProjectError
+from nsn_cli.project.files import ATOMIC_TMP, default_mode, disk_full_error, is_disk_full
+from nsn_cli.project.safety import symlink_error
 
 FRESH_DIR_LIFETIME = 60.0  # seconds; see remove_stale_fresh_dirs
 FRESH, PARTIAL, OLD = "new", "partial", "old"
@@ -61,26 +62,62 @@ def staging_dir(final: Path, replace: bool = True) -> Iterator[Path]:
     tells a dead writer's debris (removed) from a live one's.
     """
     final = Path(final)
+    if final.is_symlink():  # replace_dir would move the link aside and write elsewhere
+        raise symlink_error(final)
+    created = [p for p in (final.parent, *final.parent.parents) if not p.exists()]
     final.parent.mkdir(parents=True, exist_ok=True)
     remove_dead_staging(final)
     # Made under another name and locked before it takes the name a sweeper looks for.
     fresh = tempfile.mkdtemp(dir=final.parent, prefix=sibling(final, FRESH).name)
+    os.chmod(fresh, default_mode(directory=True))  # readable like any other tool's output
     guard = os.open(fresh, os.O_RDONLY)
     fcntl.flock(guard, fcntl.LOCK_EX)
     tmp = sibling(final, PARTIAL, Path(fresh).name.rpartition("-")[2])
     try:
         os.rename(fresh, tmp)
         yield tmp
+        follow_umask(tmp)
         if replace:
             replace_dir(tmp, final)
         else:
             claim_dir(tmp, final)
-    except BaseException:
+    except BaseException as exc:
+        writing = newest_file(tmp)
         for leftover in (tmp, fresh):
             shutil.rmtree(leftover, ignore_errors=True)
+        for folder in created:  # deepest first: a failed `convert M a/b/c` leaves no a/b
+            with contextlib.suppress(OSError):
+                folder.rmdir()
+        if isinstance(exc, DiskFullError) or is_disk_full(exc):
+            raise full_disk_in(exc, tmp, final, writing) from None
         raise
     finally:
         os.close(guard)  # after the rename: a sweeper never sees this one unlocked
+
+
+def full_disk_in(exc: BaseException, tmp: Path, final: Path, writing: Path | None):
+    """The DiskFullError for a write under staging directory `tmp`, naming the file by
+    its final name (the staging name is gone by the time the user reads it)."""
+    path = getattr(exc, "path", None) or writing or final
+    with contextlib.suppress(ValueError):
+        path = final / Path(path).relative_to(tmp)
+    return disk_full_error(path, getattr(exc, "needed", None))
+
+
+def newest_file(folder: Path) -> Path | None:
+    """The file last written under `folder`: the one a failed write was busy with."""
+    files = [p for p in Path(folder).rglob("*") if p.is_file()] if Path(folder).is_dir() else []
+    return max(files, key=lambda p: p.stat().st_mtime_ns, default=None)
+
+
+def follow_umask(folder: Path) -> None:
+    """Give every file and folder under `folder` the mode the umask asks for: writers
+    such as safetensors make their files 0600, unreadable by a serving user."""
+    modes = {False: default_mode(), True: default_mode(directory=True)}
+    for parent, names, children in os.walk(folder):
+        for path in (os.path.join(parent, name) for name in names + children):
+            if not os.path.islink(path):
+                os.chmod(path, modes[os.path.isdir(path)])
 
 
 def claim_dir(src: Path, dst: Path) -> None:
@@ -172,15 +209,19 @@ def recover_interrupted_replace(project: Path) -> None:
     A `.NAME.old-PID` whose NAME is gone was moved aside just before the kill: it is
     moved back. Other `.NAME.old-*`, and every `.NAME.partial-*` and `.NAME.new-*`
     (a staging directory killed before it was renamed), are debris, and so is any
-    `.NAME.*.tmp` file an `atomic_write_bytes` was killed in.
+    `.NAME.*.tmp` file an `atomic_write_bytes` was killed in. A staging name that is a
+    symlink (nsn never makes one; an older nsn moved a symlinked stage directory aside
+    under such a name) is unlinked, never followed.
     """
     for child in sorted(Path(project).iterdir()):
         aside = re.fullmatch(rf"\.(.+)\.{OLD}-\d+", child.name)
         if aside and child.is_dir() and not child.is_symlink():
             settle_moved_aside(child, child.with_name(aside.group(1)))
     for child in Path(project).iterdir():
-        if re.fullmatch(rf"\..+\.({PARTIAL}|{FRESH})-.+", child.name) and child.is_dir() \
-                and not child.is_symlink():
+        staging = re.fullmatch(rf"\..+\.({PARTIAL}|{FRESH}|{OLD})-.+", child.name)
+        if staging and child.is_symlink():  # nsn never makes one: the link goes, not its target
+            child.unlink()
+        elif staging and staging.group(1) != OLD and child.is_dir():
             shutil.rmtree(child, ignore_errors=True)
     remove_atomic_write_leftovers(project)
 

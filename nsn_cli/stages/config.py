@@ -254,7 +254,8 @@ class RunConfig:
     force: bool = opt(False, "Replace PROJECT if it is not an nsn project.")
     junit: str | None = opt(None, "Also write the recipe's expectations as JUnit XML (one "
                                   "testcase each) to this file.", metavar="FILE")
-
+    trust_remote_code: bool = opt(False, "Let the recipe's model run its own code (a recipe "
+                                         "or --set alone cannot switch this on).")
 
 @dataclass
 class CheckConfig:

@@ -20,6 +20,7 @@ from nsn_cli.project.loading import TASKS, load_source, save_model, storage_dtyp
 from nsn_cli.project.manifest import MODEL_DIR, write_manifest
 from nsn_cli.project.files import file_record, folder_records
 from nsn_cli.project.lock import ensure_empty_target
+from nsn_cli.project.provenance import fingerprint
 from nsn_cli.project.staging import staging_dir
 from nsn_cli.nested.surgery import ModuleSpec, nest_model, plan, untie_head
 
@@ -134,7 +135,9 @@ def convert(cfg: ConvertConfig, on_start: Callable[[int], None] | None = None,
                               sha256=record["sha256"])
         manifest = {
             "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-            "source": source, "task": task,
+            # What the model (and calibration data, below) are, so a later reader of
+            # nsn.json (profile --baseline) can tell they are still what was used.
+            "source": {**source, "fingerprint": fingerprint(cfg.model)}, "task": task,
             "decomposition": decomposition_record(cfg, batches),
             "allocation": allocation,
             "modules": [s.to_json() for s in specs],
@@ -160,6 +163,7 @@ def decomposition_record(cfg: ConvertConfig, batches: list[dict] | None) -> dict
 
     return {"method": "whitened-svd", "split": "balanced-per-component", "damping": DAMPING,
             "calibration": {"data": cfg.calib, "split": "train",
+                            "fingerprint": fingerprint(cfg.calib),
                             "rows": sum(len(b["input_ids"]) for b in batches),
                             "tokens": int(sum(b["attention_mask"].sum() for b in batches)),
                             "seq_len": cfg.calib_seq_len}}

@@ -19,7 +19,8 @@ from nsn_cli.errors import BudgetError, ProjectError, UsageError, first_line
 from nsn_cli.stages.evaluate import HIGHER_IS_BETTER, PRIMARY
 from nsn_cli.project.lock import project_lock
 from nsn_cli.project.manifest import (mark_unfinished, read_manifest, record_stage)
-from nsn_cli.project.files import (atomic_write_json, atomic_write_text, folder_records)
+from nsn_cli.project.files import atomic_write_json, atomic_write_text, folder_records, read_json
+from nsn_cli.project.safety import refuse_symlinks
 from nsn_cli.project.staging import staging_dir
 
 COST = "flops_fraction"
@@ -124,7 +125,7 @@ def read_profile(project: Path) -> tuple[pd.DataFrame, dict]:
         raise ProjectError(f"{csv} not found: run `nsn profile {project}` first")
     try:
         frame = pd.read_csv(csv)
-        info = json.loads(doc.read_text(encoding="utf-8")) if doc.is_file() else {}
+        info = read_json(doc, ProjectError) if doc.is_file() else {}
     except (ValueError, OSError, pd.errors.ParserError) as exc:
         raise ProjectError(f"{csv} is corrupt: {first_line(exc)}") from None
     if not {"variant", COST} <= set(frame.columns):
@@ -140,6 +141,7 @@ def frontier(cfg: FrontierConfig) -> FrontierResult:
     """Run the stage: frontier.csv/.json always, frontier.png/.svg with --plot."""
     project = Path(cfg.project)
     manifest = read_manifest(project)
+    refuse_symlinks(project, "frontier")
     with project_lock(project, "nsn frontier"):
         return frontier_locked(cfg, project, manifest)
 

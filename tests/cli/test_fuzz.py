@@ -23,9 +23,11 @@ from nsn_cli.project.data import DataSpec, load_task_data
 from nsn_cli.errors import NsnError
 from tests.helpers import runner, snapshot
 
-QUICK = settings(max_examples=25, deadline=None, database=None,
+# derandomize: the examples come from a fixed seed, so the default suite (and CI) tries
+# the same cases every run; the slow suite runs many more of them.
+QUICK = settings(max_examples=25, deadline=None, database=None, derandomize=True,
                  suppress_health_check=list(HealthCheck))
-LONG = settings(max_examples=200, deadline=None, database=None,
+LONG = settings(max_examples=200, deadline=None, database=None, derandomize=True,
                 suppress_health_check=list(HealthCheck))
 
 
@@ -451,7 +453,8 @@ def test_rows_without_tokens_are_dropped_for_classification(tmp_path, tokenizer)
     task = load_task_data(DataSpec(str(path), seed=0), tokenizer, "seq-cls", 8)
     assert len(task.train) + len(task.eval) == 10
     assert all(len(ids) > 0 for ids in task.train.with_format(None)["input_ids"])
-    path.write_text("".join(json.dumps({"text": "", "label": "a"}) + "\n" for _ in range(9)))
+    path.write_text("".join(json.dumps({"text": "", "label": "ab"[i % 2]}) + "\n"
+                            for i in range(9)))
     with pytest.raises(NsnError, match="no labelled rows with text"):
         load_task_data(DataSpec(str(path), seed=0), tokenizer, "seq-cls", 8)
 
@@ -479,8 +482,25 @@ def test_a_label_with_a_newline_still_makes_a_one_line_error(tmp_path, tokenizer
     from nsn_cli.errors import DataError
 
     path = tmp_path / "d.csv"
-    path.write_text('text,label\nthe mill,a\nthe river,a\nthe road,"b' + "x" * 500 + '\nc"\n')
+    path.write_text('text,label\nthe mill,z\nthe river,a\nthe road,"b' + "x" * 500 + '\nc"\n')
     with pytest.raises(DataError) as info:
-        load_task_data(DataSpec(str(path), seed=0, eval_fraction=0.34), tokenizer, "seq-cls", 8)
+        load_task_data(DataSpec(str(path), seed=0, eval_fraction=0.25), tokenizer, "seq-cls", 8)
     message = str(info.value)
     assert "\n" not in message and "never occur" in message and len(message) < 300
+
+
+def test_fuzzers_are_seeded_and_the_slow_ones_try_more():
+    """Every property runs from a fixed seed; each slow one runs more examples than its
+    default-suite twin."""
+    found = {name: fn for name, fn in globals().items()
+             if name.startswith("test_") and hasattr(fn, "hypothesis")}
+    assert len(found) >= 8
+    for name, fn in found.items():
+        chosen = fn._hypothesis_internal_use_settings
+        assert chosen.derandomize and chosen.database is None, name
+    def is_slow(fn):
+        return any(mark.name == "slow" for mark in getattr(fn, "pytestmark", []))
+    quick = [f for f in found.values() if not is_slow(f)]
+    slow = [f for f in found.values() if is_slow(f)]
+    assert slow and min(f._hypothesis_internal_use_settings.max_examples for f in slow) > \
+        max(f._hypothesis_internal_use_settings.max_examples for f in quick)

@@ -20,7 +20,8 @@ SMALL = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_atte
 FAMILIES = {
     "mistral": (hf.MistralConfig, dict(SMALL, num_key_value_heads=2), "causal-lm"),
     "qwen2": (hf.Qwen2Config, dict(SMALL, num_key_value_heads=2), "causal-lm"),
-    "gemma": (hf.GemmaConfig, dict(SMALL, num_key_value_heads=2, head_dim=8), "causal-lm"),
+    # head_dim 16, not hidden / heads = 8: the FLOPs count must read config.head_dim
+    "gemma": (hf.GemmaConfig, dict(SMALL, num_key_value_heads=2, head_dim=16), "causal-lm"),
     "phi": (hf.PhiConfig, SMALL, "causal-lm"),
     "opt": (hf.OPTConfig, dict(hidden_size=32, ffn_dim=64, num_hidden_layers=2,
                                num_attention_heads=4, vocab_size=VOCAB,

@@ -518,3 +518,20 @@ def test_a_convert_whose_target_was_filled_meanwhile_keeps_nothing(tiny_models, 
     assert sorted(p.name for p in out.iterdir()) == ["theirs.txt"]
     convert(ConvertConfig(model=str(tiny_models["bert"]), out_dir=str(out), force=True))
     assert (out / "nsn.json").is_file() and not (out / "theirs.txt").exists()
+
+
+def test_checksums_read_the_whole_file_past_any_buffer(tmp_path):
+    """Artifacts are larger than any read buffer: a hash of the first MiB would pass a
+    file altered further on."""
+    import hashlib
+    import random
+
+    from nsn_cli.project.files import sha256_file
+
+    data = bytearray(random.Random(0).randbytes(3 << 20))
+    path = tmp_path / "big.safetensors"
+    path.write_bytes(data)
+    assert sha256_file(path) == hashlib.sha256(data).hexdigest()
+    data[(2 << 20) + 5] ^= 1  # one bit, two MiB in
+    path.write_bytes(data)
+    assert sha256_file(path) == hashlib.sha256(data).hexdigest()

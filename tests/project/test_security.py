@@ -28,16 +28,32 @@ def package_sources():
     return files
 
 
+# Functions that unpickle under another name: pandas.read_pickle, numpy's pickle loads,
+# torch.serialization.load (what torch.load is).
+UNPICKLING_NAMES = {"read_pickle", "to_pickle", "loads_pickle", "_pickle_load"}
+
+
 def unsafe_calls(tree: ast.AST) -> list[str]:
-    """torch.load, unpickling imports, and flags that switch safety off."""
+    """torch.load (however imported), unpickling imports and functions, and flags that
+    switch safety off."""
     found = []
     for node in ast.walk(tree):
         if isinstance(node, ast.Attribute) and node.attr == "load" and \
                 isinstance(node.value, ast.Name) and node.value.id == "torch":
             found.append("torch.load")
+        elif isinstance(node, ast.Attribute) and node.attr == "serialization" and \
+                isinstance(node.value, ast.Name) and node.value.id == "torch":
+            found.append("torch.serialization")
+        elif isinstance(node, (ast.Attribute, ast.Name)) and \
+                getattr(node, "attr", getattr(node, "id", None)) in UNPICKLING_NAMES:
+            found.append(getattr(node, "attr", getattr(node, "id", None)))
+        elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("torch") and \
+                any(a.name == "load" for a in node.names):
+            found.append(f"from {node.module} import load")
         elif isinstance(node, (ast.Import, ast.ImportFrom)):
             names = [a.name for a in node.names] + [getattr(node, "module", None) or ""]
-            found += [n for n in names if n.split(".")[0] in UNPICKLERS]
+            found += [n for n in names if n.split(".")[0] in UNPICKLERS
+                      or n in UNPICKLING_NAMES or n.startswith("torch.serialization")]
         elif isinstance(node, ast.keyword) and isinstance(node.value, ast.Constant):
             risky = {"allow_pickle": True, "weights_only": False, "trust_remote_code": True,
                      "use_safetensors": False}
@@ -65,6 +81,19 @@ def test_the_scan_itself_catches_offenders():
             "torch.load('x', weights_only=False)\nf(trust_remote_code=True)\neval('1')\n")
     assert set(unsafe_calls(ast.parse(code))) == {
         "torch.load", "pickle", "joblib", "weights_only=False", "trust_remote_code=True", "eval"}
+
+
+@pytest.mark.parametrize("code", [
+    "import pandas\npandas.read_pickle('x')\n",
+    "import pandas as pd\npd.read_pickle('x')\n",
+    "from pandas import read_pickle\n",
+    "from torch.serialization import load\nload('x')\n",
+    "from torch import load\n",
+    "import torch\ntorch.serialization.load('x')\n",
+    "import torch.serialization\n",
+])
+def test_the_scan_catches_unpickling_under_other_names(code):
+    assert unsafe_calls(ast.parse(code)), code
 
 
 def stop_loading(monkeypatch, seen):

@@ -11,6 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from tests.helpers import TINY_TEXT, runner
+from nsn_cli.project.provenance import fingerprint
 from nsn_cli.cli.app import app
 from nsn_cli.stages.config import FrontierConfig, ProfileConfig
 from nsn_cli.errors import BudgetError, ProjectError, UsageError
@@ -85,7 +86,8 @@ def profiled(converted, tmp_path_factory):
     project = tmp_path_factory.mktemp("frontier") / "gpt2"
     shutil.copytree(converted["gpt2"], project)
     record_stage(project, "finetune", {"data": str(TINY_TEXT), "seq_len": 32,
-                                       "ladder": "0.25,0.5,1"}, [], {})
+                                       "ladder": "0.25,0.5,1"}, [],
+                 {"data_source": fingerprint(str(TINY_TEXT))})  # what finetune records
     profile(ProfileConfig(project=str(project), budgets=[0.4, 0.5, 0.6, 0.8, 1.0],
                           baseline=True, batch_size=4, repeats=1, warmup_passes=0))
     return project

@@ -10,7 +10,7 @@ from __future__ import annotations
 import csv
 from pathlib import Path
 
-from nsn_cli.project.files import atomic_write_text
+from nsn_cli.project.files import atomic_write_text, disk_full_error, is_disk_full
 
 METRICS_FILE, EVAL_FILE = "metrics.csv", "eval.csv"
 METRIC_COLUMNS = ("step", "rank", "loss", "distill", "weight", "lr", "tokens_per_s")
@@ -39,9 +39,16 @@ class CsvLog:
         atomic_write_text(self.path, "\n".join(text) + "\n")
 
     def append(self, rows: list[dict]) -> None:
-        with open(self.path, "a", newline="", encoding="utf-8") as handle:
-            writer = csv.DictWriter(handle, fieldnames=self.columns, lineterminator="\n")
-            writer.writerows({c: fmt(row.get(c, "")) for c in self.columns} for row in rows)
+        """Appended in place (not atomically): a kill can cut the last line, which `start`
+        drops on resume."""
+        try:
+            with open(self.path, "a", newline="", encoding="utf-8") as handle:
+                writer = csv.DictWriter(handle, fieldnames=self.columns, lineterminator="\n")
+                writer.writerows({c: fmt(row.get(c, "")) for c in self.columns} for row in rows)
+        except OSError as exc:
+            if is_disk_full(exc):
+                raise disk_full_error(self.path) from None
+            raise
 
 
 def fmt(value) -> str:

@@ -22,6 +22,8 @@ from nsn_cli.nested.layer import NestedLinear
 from nsn_cli.stages.finetune.objective import OBJECTIVES, ladder_settings, parse_ladder
 from nsn_cli.project.manifest import MODEL_DIR, read_manifest
 from nsn_cli.stages.runtime import resolve_seq_len
+from nsn_cli.project.provenance import fingerprint
+from nsn_cli.project.safety import refuse_symlinks
 
 FINETUNE_DIR = "finetune"
 CHECKPOINTS = "checkpoints"  # under DIR/finetune/
@@ -47,6 +49,7 @@ class Inputs:
     resolved: dict  # the config with defaults resolved (recorded in nsn.json)
     checkpoint: ckpt.Checkpoint | None
     head: str | None  # seq-cls: kept / reordered / new
+    data_source: dict | None = None  # fingerprint of --data (project/provenance.py)
 
     def forward_args(self, batch: dict) -> dict:
         args = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
@@ -98,6 +101,7 @@ def resolved_config(cfg: FinetuneConfig, ladder: list[float], seq_len: int) -> d
 def load_inputs(cfg: FinetuneConfig, ladder: list[float], dist: Dist) -> Inputs:
     project = Path(cfg.project)
     manifest = read_manifest(project)
+    refuse_symlinks(project, MODEL_DIR, FINETUNE_DIR)  # a fresh run deletes finetune/
     checkpoint = None
     if cfg.resume:
         checkpoint = ckpt.find_latest(project / FINETUNE_DIR / CHECKPOINTS)
@@ -120,7 +124,7 @@ def load_inputs(cfg: FinetuneConfig, ladder: list[float], dist: Dist) -> Inputs:
     if checkpoint is not None:
         check_resumable(checkpoint, resolved, len(data.train))
     return Inputs(model, tokenizer, task, seq_len, data, ladder, ladder_settings(model, ladder),
-                  pad_id, resolved, checkpoint, head)
+                  pad_id, resolved, checkpoint, head, fingerprint(cfg.data))
 
 
 def load_model(project: Path, manifest: dict, checkpoint: ckpt.Checkpoint | None):
@@ -145,7 +149,7 @@ def load_model(project: Path, manifest: dict, checkpoint: ckpt.Checkpoint | None
     saved = checkpoint.path / ckpt.TOKENIZER_DIR
     where = saved if saved.is_dir() else project / MODEL_DIR
     try:
-        tokenizer = AutoTokenizer.from_pretrained(str(where))
+        tokenizer = AutoTokenizer.from_pretrained(str(where), trust_remote_code=False)
     except (OSError, ValueError) as exc:
         raise ModelError(f"cannot load the tokenizer in {where}: {exc}") from None
     return model, tokenizer
@@ -176,6 +180,11 @@ def prepare_head(model: nn.Module, labels: list[str], seed: int) -> str:
     (LABEL_0 …) and as many classes: kept. Otherwise a new head, initialised from `seed`.
     """
     config = model.config
+    if len(labels) < 2:  # data.label_names refuses such data; never make a 1-output head
+        raise DataError(f"{len(labels)} classes: a classifier needs at least two")
+    # Labels are class ids: a config saying "regression" or "multi_label_classification"
+    # would make transformers' own loss treat them as numbers or as sets.
+    config.problem_type = "single_label_classification"
     names = [str(config.id2label[i]) for i in range(config.num_labels)]
     if names == labels:
         return "kept"

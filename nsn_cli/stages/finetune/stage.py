@@ -192,4 +192,5 @@ def build_summary(trainer: Trainer, final: dict[float, dict], start: int, second
             "train_tokens": int(trainer.state.get("tokens", 0)),
             "seconds_this_run": round(seconds, 2), "objective": cfg.objective,
             "distill": cfg.distill, "ladder": inputs.ladder, "head": inputs.head,
-            "labels": inputs.data.labels, "data": inputs.data.stats, "ranks": ranks}
+            "labels": inputs.data.labels, "data": inputs.data.stats,
+            "data_source": inputs.data_source, "ranks": ranks}

@@ -35,6 +35,7 @@ from nsn_cli.stages.profile.setup import (DTYPES, reconvert, resolve_data, resvd
                                           timing_batch, validate)
 from nsn_cli.stages.runtime import resolve_device, resolve_seq_len
 from nsn_cli.project.manifest import read_manifest
+from nsn_cli.project.safety import refuse_symlinks
 from nsn_cli.stages.profile.outputs import COLUMN_TYPES, MB, columns_for, run_record, write_outputs
 from nsn_cli.stages.profile.points import DEFAULT_BUDGETS, Point, ladder_points, plan_points
 from nsn_cli.nested.surgery import nested_layers
@@ -175,7 +176,8 @@ def time_rows(dense: nn.Module, entries: list, rows: list[dict], bench: Bench, o
 
 
 def profile(cfg: ProfileConfig, on_start: Callable[[int], None] = lambda total: None,
-            on_point: Callable[[str], None] = lambda label: None) -> ProfileResult:
+            on_point: Callable[[str], None] = lambda label: None,
+            on_note: Callable[[str], None] = lambda line: None) -> ProfileResult:
     """Run the stage: measure every point, write DIR/profile/, record the run in nsn.json.
 
     The project's writer lock is held throughout, so the weights cannot change (a
@@ -186,14 +188,17 @@ def profile(cfg: ProfileConfig, on_start: Callable[[int], None] = lambda total: 
     validate(cfg)
     project = Path(cfg.project)
     manifest = read_manifest(project)
+    refuse_symlinks(project, "profile")  # before minutes of measuring, not at the write
     harness = prepare(cfg, manifest["task"])  # a missing extra or task fails before loading
-    cfg, seed = resolve_data(cfg, manifest)
+    cfg, seed, note = resolve_data(cfg, manifest)
     with project_lock(project, "nsn profile"), \
             tempfile.TemporaryDirectory(prefix="nsn-profile-") as scratch:
+        if note:  # a path from nsn.json, about to be read: the user sees which
+            on_note(note)
         baseline = None
         if cfg.baseline:  # classifiers: re-SVD of the project itself (see profile_setup.resvd)
             baseline = project if manifest["task"] == "seq-cls" else \
-                reconvert(manifest, Path(scratch))
+                reconvert(project, manifest, Path(scratch), on_note)
         with cpu_threads(cfg.threads):
             return profile_locked(cfg, seed, project, manifest, baseline, on_start, on_point,
                                   harness)

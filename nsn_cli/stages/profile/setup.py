@@ -15,8 +15,10 @@ from nsn_cli.project.data import pad_batch
 from nsn_cli.errors import ModelError, ProjectError, UsageError
 from nsn_cli.stages.runtime import resolve_device
 from nsn_cli.text import parse_fractions
+from nsn_cli.project.provenance import from_file, recorded_input
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+NO_BASELINE = "run profile without --baseline"
 DATA_FIELDS = tuple(f.name for f in fields(DataOptions))
 
 
@@ -38,22 +40,30 @@ def validate(cfg: ProfileConfig) -> None:
     resolve_device(cfg.device)
 
 
-def resolve_data(cfg: ProfileConfig, manifest: dict) -> tuple[ProfileConfig, int]:
+def resolve_data(cfg: ProfileConfig, manifest: dict) -> tuple[ProfileConfig, int, str | None]:
     """Fill unset data flags from the finetune stage (same data, same held-out carve).
 
-    Returns the resolved config and the seed of the held-out carve. Finetune's
-    settings are inherited only when --data is unset or names the same data.
+    Returns the resolved config, the seed of the held-out carve and, when the data path
+    came from nsn.json, a note naming it for the user. Finetune's settings are inherited
+    only when --data is unset or names the same data; a data path inherited from the
+    file is first checked against the fingerprint finetune recorded (provenance.py).
     """
-    finetune = (manifest["stages"].get("finetune") or {}).get("config") or {}
-    inherit = cfg.data is None or cfg.data == finetune.get("data")
+    finetune = manifest["stages"].get("finetune") or {}
+    recorded = finetune.get("config") or {}
+    inherit = cfg.data is None or cfg.data == recorded.get("data")
     values = {name: getattr(cfg, name) for name in DATA_FIELDS}
     if inherit:
-        values = {k: v if v is not None else finetune.get(k) for k, v in values.items()}
+        values = {k: v if v is not None else recorded.get(k) for k, v in values.items()}
     if not values["data"]:
         raise UsageError("no evaluation data: pass --data (the project has no finetune stage "
                          "to take it from)")
-    seed = finetune.get("seed", 0) if inherit else 0
-    return replace(cfg, **values), seed if isinstance(seed, int) else 0
+    note = None
+    if cfg.data is None:
+        values["data"], note = recorded_input(
+            Path(cfg.project), values["data"], (finetune.get("summary") or {}).get("data_source"),
+            "the finetune data", "pass --data to choose the evaluation data yourself")
+    seed = recorded.get("seed", 0) if inherit else 0
+    return replace(cfg, **values), seed if isinstance(seed, int) else 0, note
 
 
 def timing_batch(dataset, batch_size: int, seq_len: int, pad_id: int, device) -> dict:
@@ -94,24 +104,39 @@ def resvd(model):
     return model
 
 
-def reconvert(manifest: dict, scratch: Path) -> Path:
+def reconvert(project: Path, manifest: dict, scratch: Path, on_note=lambda line: None) -> Path:
     """Re-run `nsn convert` with the project's recorded settings into `scratch`.
 
     That is the untrained truncated SVD the project started from; done before any
-    measurement, so an unreachable source model fails the run at once.
+    measurement, so an unreachable source model fails the run at once. The recorded
+    model and calibration data must still be what convert used, and no code of the
+    model's own runs, whatever nsn.json says (provenance.py); a local source model is
+    named to the user (`on_note`) before it is read.
     """
     from nsn_cli.stages.convert import convert
 
-    saved = (manifest["stages"].get("convert") or {}).get("config") or {}
+    saved = from_file((manifest["stages"].get("convert") or {}).get("config") or {})
     known = {f.name for f in fields(ConvertConfig)}
     kwargs = {k: v for k, v in saved.items() if k in known}
     if not kwargs.get("model"):
         raise ProjectError("--baseline: nsn.json records no source model to re-convert")
+    kwargs["model"], note = recorded_input(project, kwargs["model"],
+                                           manifest["source"].get("fingerprint"),
+                                           "the source model", NO_BASELINE)
+    if kwargs.get("calib"):
+        calibration = (manifest.get("decomposition") or {}).get("calibration") or {}
+        recorded_input(project, kwargs["calib"], calibration.get("fingerprint"),
+                       "the calibration data", NO_BASELINE)
+    if note:
+        on_note(note)
     out = Path(scratch) / "baseline"
     kwargs.update(out_dir=str(out), force=True, dry_run=False)
     try:
         convert(ConvertConfig(**kwargs))
     except ModelError as exc:
+        why = (f"needs its own Python code, and profile never runs a model's code whatever "
+               f"nsn.json records; {NO_BASELINE}") if "--trust-remote-code" in str(exc) \
+            else f"is not reachable here ({exc})"
         raise ModelError(f"--baseline re-converts the source model {kwargs['model']!r}, "
-                         f"which is not reachable here ({exc})") from None
+                         f"which {why}") from None
     return out

@@ -114,6 +114,9 @@ def test_outputs_manifest_and_reload(lm_project):
     assert after.keys() == before.keys()
     assert not torch.equal(after["transformer.h.0.mlp.c_fc.A"], before["transformer.h.0.mlp.c_fc.A"])
     assert result.summary["train_tokens"] == 4 * 4 * 32
+    # What profile checks before it reuses the data (project/provenance.py).
+    assert stage["summary"]["data_source"] == {"kind": "file", "bytes": TINY_TEXT.stat().st_size,
+                                               "sha256": sha256_file(TINY_TEXT)}
 
 
 def test_cli_finetune_prints_a_summary(lm_project):
@@ -164,12 +167,11 @@ def test_resume_repeats_the_uninterrupted_run(converted, tmp_path, monkeypatch):
     for name in ("metrics.csv", "eval.csv"):
         a, b = (read_csv(p / "finetune" / name) for p in (straight, resumed))
         assert [(r["step"], r["rank"]) for r in a] == [(r["step"], r["rank"]) for r in b]
-        for ra, rb in zip(a, b):
+        for ra, rb in zip(a, b):  # exact: the same digits, not merely close
             for column in set(ra) - {"step", "rank", "tokens_per_s"}:
-                assert float(ra[column]) == pytest.approx(float(rb[column]), abs=1e-5), column
+                assert ra[column] == rb[column], column
     wa, wb = (load_file(str(p / "model" / "nsn.safetensors")) for p in (straight, resumed))
-    for key in wa:
-        torch.testing.assert_close(wa[key], wb[key], atol=1e-6, rtol=0)
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[key], wb[key]) for key in wa)
 
 
 def test_resume_survives_a_kill_while_model_is_being_replaced(lm_project):
@@ -266,8 +268,17 @@ def test_bad_input_is_one_line_and_changes_nothing(lm_project, tmp_path, case, n
 
 # ---------------------------------------------------------------- objective switches
 
-def test_distill_and_bf16(lm_project):
+def test_distill_and_bf16(lm_project, monkeypatch):
+    dtypes = []
+    real_loss = trainer.task_loss
+
+    def recording_loss(task, logits, batch):
+        dtypes.append(logits.dtype)
+        return real_loss(task, logits, batch)
+    monkeypatch.setattr(trainer, "task_loss", recording_loss)
     result = run(lm_project, steps=3, dtype="bfloat16")  # distill is on by default
+    assert dtypes and set(dtypes) == {torch.bfloat16}  # autocast really ran the forward
+    monkeypatch.setattr(trainer, "task_loss", real_loss)
     for report in result.history:
         top, low = sorted(report.distill, reverse=True)
         assert report.distill[top] == 0.0 and report.distill[low] > 0.0
@@ -290,6 +301,52 @@ def test_grad_accumulation_reads_the_same_rows(lm_project):
     rows = len(inputs.data.train)
     seen = trainer.RowStream(rows, 0).take(0, rows)
     assert sorted(seen) == list(range(rows))  # one epoch visits every row once
+
+
+def test_every_epoch_reads_the_rows_in_a_new_order():
+    stream = trainer.RowStream(50, seed=3)
+    epochs = [stream.take(e * 50, 50) for e in range(3)]
+    assert all(sorted(order) == list(range(50)) for order in epochs)
+    assert len({tuple(order) for order in epochs}) == 3
+    assert trainer.RowStream(50, seed=3).take(50, 50) == epochs[1]  # a function of (seed, epoch)
+    assert trainer.RowStream(50, seed=4).take(0, 50) != epochs[0]
+
+
+# Flags that may change on --resume: where and how often to evaluate and save, the device.
+FREE_ON_RESUME = {"project", "resume", "eval_every", "eval_samples", "save_every",
+                  "keep_checkpoints", "device"}
+
+
+def other_value(value):
+    if isinstance(value, bool):
+        return not value
+    if isinstance(value, (int, float)):
+        return value + 1
+    if isinstance(value, str):
+        return value + "x"
+    if isinstance(value, list):
+        return value + [0.75]
+    return 7  # None
+
+
+def test_resume_refuses_every_training_setting_that_changed():
+    """Not only --lr: any setting that shapes what is trained, whichever it is."""
+    from dataclasses import asdict
+    from pathlib import Path
+
+    from nsn_cli.stages.finetune.setup import check_resumable
+
+    resolved = {**asdict(FinetuneConfig(project="p", data="d")), "ladder": [0.5, 1.0],
+                "seq_len": 32}
+    checkpoint = ckpt.Checkpoint(Path("step-000004"), {"config": dict(resolved),
+                                                       "train_rows": 10})
+    check_resumable(checkpoint, resolved, 10)  # the same settings resume
+    for key in set(resolved) - FREE_ON_RESUME:
+        changed = {**resolved, key: other_value(resolved[key])}
+        with pytest.raises(UsageError, match=f"step-000004 was made with --{key.replace('_', '-')} "):
+            check_resumable(checkpoint, changed, 10)
+    for key in FREE_ON_RESUME:
+        check_resumable(checkpoint, {**resolved, key: other_value(resolved[key])}, 10)
 
 
 def test_lr_schedule_warms_up_then_decays_to_a_tenth():

@@ -116,3 +116,20 @@ def test_ladder_points_use_the_projects_rank_family():
     low, top = ladder_settings(model, [0.25, 1.0])
     assert top == {n: m.max_rank for n, m in layers.items()}
     assert low != settings[0] and all(low[n] <= top[n] for n in low)
+
+
+def test_distill_ignores_padded_positions():
+    """Only positions that predict a real next token count; padding's logits may be anything."""
+    gen = torch.Generator().manual_seed(0)
+    top, low = torch.randn(2, 6, 11, generator=gen), torch.randn(2, 6, 11, generator=gen)
+    mask = torch.tensor([[1, 1, 1, 1, 1, 1], [1, 1, 1, 0, 0, 0]])
+    batch = {"input_ids": torch.randint(0, 11, (2, 6), generator=gen), "attention_mask": mask}
+    teacher = teacher_from("causal-lm", top)
+    loss = distill_loss("causal-lm", low, teacher, batch)
+    p, log_p, log_q = top.softmax(-1), top.log_softmax(-1), low.log_softmax(-1)
+    per_token = (p * (log_p - log_q)).sum(-1)[:, :-1]  # position t predicts token t + 1
+    keep = mask[:, 1:].bool()
+    torch.testing.assert_close(loss, per_token[keep].mean())
+    noisy = low.clone()
+    noisy[1, 2:] += 100 * torch.randn(4, 11, generator=gen)  # they predict padding
+    torch.testing.assert_close(distill_loss("causal-lm", noisy, teacher, batch), loss)

@@ -13,13 +13,14 @@ from nsn_cli import load
 from nsn_cli.cli.app import app
 from nsn_cli.stages.config import ProfileConfig
 from nsn_cli.project.data import DataSpec, load_task_data
-from nsn_cli.errors import ModelError, UsageError
+from nsn_cli.errors import ModelError, ProjectError, UsageError
 from nsn_cli.stages.evaluate import batches, evaluate, macro_f1
 from nsn_cli.project.loading import save_model
 from nsn_cli.stages.profile.measure import activation_peak_bytes
 from nsn_cli.stages.profile.run import columns_for, profile
 from nsn_cli.project.manifest import read_manifest, record_stage
 from nsn_cli.project.files import folder_records, sha256_file
+from nsn_cli.project.provenance import fingerprint
 from nsn_cli.nested.surgery import nested_layers
 
 LABELS = DATA / "tiny_labels.jsonl"
@@ -204,7 +205,8 @@ def fake_finetune(project, config, scale=1.5):
         for layer in nested_layers(model).values():
             layer.B.mul_(scale)
     save_model(model, tokenizer, project / "model")
-    record_stage(project, "finetune", config, folder_records(project / "model", project), {})
+    record_stage(project, "finetune", config, folder_records(project / "model", project),
+                 {"data_source": fingerprint(config["data"])})  # as finetune records it
 
 
 def test_baseline_is_the_convert_time_model_after_finetune(converted, tiny_models, tokenizer,
@@ -231,7 +233,8 @@ def test_baseline_needs_the_source_model(converted, tmp_path):
     manifest = json.loads(manifest_file.read_text())
     manifest["stages"]["convert"]["config"]["model"] = str(tmp_path / "gone")
     manifest_file.write_text(json.dumps(manifest))
-    with pytest.raises(ModelError, match="--baseline re-converts the source model"):
+    with pytest.raises(ProjectError, match="the source model '.*gone' no longer exists; run "
+                       "profile without --baseline"):
         run(project, data=str(TINY_TEXT), budgets=[1.0], baseline=True)
     assert not (project / "profile").exists()
 
@@ -295,8 +298,9 @@ def test_classifier_baseline_is_truncated_svd_of_the_project(converted, tmp_path
         for layer in nested_layers(model).values():
             layer.A.add_(0.5 * layer.A.std() * torch.randn_like(layer.A))
     save_model(model, tokenizer, project / "model")
-    record_stage(project, "finetune", {"data": str(DATA / "tiny_labels.jsonl"), "seq_len": 32,
-                                       "seed": 0}, folder_records(project / "model", project), {})
+    data = str(DATA / "tiny_labels.jsonl")
+    record_stage(project, "finetune", {"data": data, "seq_len": 32, "seed": 0},
+                 folder_records(project / "model", project), {"data_source": fingerprint(data)})
     result = run(project, rank_fractions=[0.5, 1.0], baseline=True)
     frame = result.frame.set_index(["variant", "rank_fraction"])
     assert frame.loc[("baseline", 1.0), "accuracy"] == frame.loc[("nsn", 1.0), "accuracy"]
