@@ -61,3 +61,22 @@ def test_demo_table_is_written_into_docs_demo(tmp_path):
     assert (root / "docs" / "demo-frontier.png").read_bytes() == b"png"
     shipped = (REPO / "docs" / "demo.md").read_text(encoding="utf-8")
     assert script.START in shipped and script.END in shipped
+
+
+def test_reliability_table_names_tests_that_exist_one_for_one():
+    """docs/reliability.md's table names each test that proves a row, and every test of
+    the issue-12 file (tests/project/test_trust.py) is named in some row."""
+    page = (REPO / "docs" / "reliability.md").read_text(encoding="utf-8")
+    rows = [line for line in page.splitlines() if line.startswith("| **")]
+    assert len(rows) >= 8
+    named = set()
+    for row in rows:
+        cited = re.findall(r"`(tests/[\w/]+\.py)::(test_\w+)`", row.rsplit(" | ", 1)[-1])
+        assert cited, f"a row names no test: {row[:60]}"
+        for path, name in cited:
+            assert re.search(rf"^def {name}\(", (REPO / path).read_text(encoding="utf-8"),
+                             re.M), f"{path}::{name} does not exist"
+            named.add((path, name))
+    trust = "tests/project/test_trust.py"
+    defined = re.findall(r"^def (test_\w+)\(", (REPO / trust).read_text(encoding="utf-8"), re.M)
+    assert [t for t in defined if (trust, t) not in named] == []
