@@ -104,8 +104,15 @@ def modules_problem(project: Path, manifest: dict) -> str | None:
             if found != shape:
                 return (f"{manifest_path(project)} does not match {weights}: modules[{i}] "
                         f"({name}) needs {part} of shape {shape}, the file holds "
-                        f"{found or 'no such tensor'}; {advice(project, manifest)}")
+                        f"{found or 'no such tensor'}; {mismatch_advice(project, manifest)}")
     return None
+
+
+def mismatch_advice(project: Path, manifest: dict) -> str:
+    """An interrupted stage explains a mismatch; otherwise a file was edited."""
+    if (manifest.get("unfinished") or {}).get("stage"):
+        return advice(project, manifest)
+    return "nsn.json or the weights were edited: convert the model again"
 
 
 @dataclass
