@@ -312,9 +312,10 @@ def test_every_epoch_reads_the_rows_in_a_new_order():
     assert trainer.RowStream(50, seed=4).take(0, 50) != epochs[0]
 
 
-# Flags that may change on --resume: where and how often to evaluate and save, the device.
+# Flags that may change on --resume: where and how often to evaluate and save, the device
+# and whether the weights are sharded (checkpoints read the same either way).
 FREE_ON_RESUME = {"project", "resume", "eval_every", "eval_samples", "save_every",
-                  "keep_checkpoints", "device"}
+                  "keep_checkpoints", "device", "fsdp"}
 
 
 def other_value(value):
