@@ -41,6 +41,9 @@ class DataSpec:
     eval_fraction: float = 0.1
     seed: int = 0
     max_samples: int | None = None
+    # Data named only for evaluation (profile --data FILE) with no held-out split of its
+    # own is measured whole: carving a fraction would drop rows the user asked for.
+    whole: bool = False
 
 
 @dataclass
@@ -121,7 +124,9 @@ def split_train_eval(raw, spec: DataSpec):
     eval_name = spec.eval_split or next((s for s in EVAL_SPLITS if s in raw), None)
     if spec.eval_split and spec.eval_split not in raw:
         raise DataError(f"data {spec.data!r} has no split {spec.eval_split!r}")
-    if eval_name is None:
+    if eval_name is None and spec.whole:
+        held_out = train
+    elif eval_name is None:
         if len(train) < 2:
             raise DataError(f"data {spec.data!r} has {len(train)} rows: too few to hold some out")
         parts = train.train_test_split(test_size=spec.eval_fraction, seed=spec.seed)

@@ -100,11 +100,12 @@ class DataOptions:
                                     "token at this length.",
                               unset="the model's context, at most 256")
 
-    def data_spec(self, seed: int) -> DataSpec:
-        """The loader's view of these options (an unset one takes DataSpec's default)."""
-        names = [f.name for f in fields(DataSpec) if f.name != "seed"]
+    def data_spec(self, seed: int, whole: bool = False) -> DataSpec:
+        """The loader's view of these options (an unset one takes DataSpec's default);
+        `whole`: data without an evaluation split is measured whole, not carved."""
+        names = [f.name for f in fields(DataSpec) if f.name not in ("seed", "whole")]
         chosen = {n: getattr(self, n) for n in names if getattr(self, n) is not None}
-        return DataSpec(**chosen, seed=seed)
+        return DataSpec(**chosen, seed=seed, whole=whole)
 
 
 def inherited_from_finetune(options, about: dict[str, str], unset: dict[str, str]):
@@ -130,7 +131,8 @@ ProfileData = inherited_from_finetune(
            "split": "Split the held-out part is carved from when the data has no "
                     "evaluation split.",
            "eval_split": "Held-out split to measure on.",
-           "eval_fraction": "Fraction held out when there is no evaluation split.",
+           "eval_fraction": "Fraction held out when there is no evaluation split (data "
+                            "named here, not finetune's, is measured whole without it).",
            "max_samples": "Use at most this many held-out rows."})
 
 

@@ -78,7 +78,8 @@ def print_profile(console, result) -> None:
     # flops_counted_fraction is in the CSV; here it would only repeat the FLOPs column.
     columns = ["flops_fraction", *metric_columns(result.frame), *COST_SHOWN]
     console.print(rich_table(result.frame, columns,
-                             f"nsn profile: {run['samples']} held-out {unit}, {run['device']}, "
+                             f"nsn profile: {run['samples']} held-out {unit} of {run['data']}, "
+                             f"{run['device']}, "
                              f"{run['dtype']}, batch {run['batch_size']}×{run['seq_len']}"))
     lm_eval = run.get("lm_eval")
     if lm_eval:  # one column per task metric, arrow: which way is better

@@ -190,7 +190,7 @@ def profile(cfg: ProfileConfig, on_start: Callable[[int], None] = lambda total: 
     manifest = read_manifest(project)
     refuse_symlinks(project, "profile")  # before minutes of measuring, not at the write
     harness = prepare(cfg, manifest["task"])  # a missing extra or task fails before loading
-    cfg, seed, note = resolve_data(cfg, manifest)
+    cfg, seed, note, inherited = resolve_data(cfg, manifest)
     with project_lock(project, "nsn profile"), \
             tempfile.TemporaryDirectory(prefix="nsn-profile-") as scratch:
         if note:  # a path from nsn.json, about to be read: the user sees which
@@ -200,8 +200,8 @@ def profile(cfg: ProfileConfig, on_start: Callable[[int], None] = lambda total: 
             baseline = project if manifest["task"] == "seq-cls" else \
                 reconvert(project, manifest, Path(scratch), on_note)
         with cpu_threads(cfg.threads):
-            return profile_locked(cfg, seed, project, manifest, baseline, on_start, on_point,
-                                  harness)
+            return profile_locked(cfg, (seed, inherited), project, manifest, baseline,
+                                  on_start, on_point, harness)
 
 
 @contextlib.contextmanager
@@ -216,7 +216,7 @@ def cpu_threads(count: int | None):
         torch.set_num_threads(previous)
 
 
-def profile_locked(cfg: ProfileConfig, seed: int, project: Path, manifest: dict,
+def profile_locked(cfg: ProfileConfig, carve: tuple[int, bool], project: Path, manifest: dict,
                    baseline: Path | None, on_start, on_point,
                    harness: Harness | None = None) -> ProfileResult:
     import pandas as pd
@@ -230,7 +230,8 @@ def profile_locked(cfg: ProfileConfig, seed: int, project: Path, manifest: dict,
     budgets = None if cfg.rank_fractions else list(cfg.budgets or DEFAULT_BUDGETS)
     cfg = replace(cfg, seq_len=resolve_seq_len(cfg.seq_len, model.config, DEFAULT_SEQ_LEN), budgets=budgets)
     task = manifest["task"]
-    data = load_task_data(cfg.data_spec(seed), tokenizer, task, cfg.seq_len,
+    spec = cfg.data_spec(carve[0], whole=not carve[1] and cfg.eval_fraction is None)
+    data = load_task_data(spec, tokenizer, task, cfg.seq_len,
                           vocab_size=model.get_input_embeddings().num_embeddings)
     bench = make_bench(cfg, model, data, tokenizer, task, device, harness)
     points, skipped = plan_points(model, "nsn", budgets, cfg.rank_fractions, cfg.seq_len)

@@ -40,13 +40,16 @@ def validate(cfg: ProfileConfig) -> None:
     resolve_device(cfg.device)
 
 
-def resolve_data(cfg: ProfileConfig, manifest: dict) -> tuple[ProfileConfig, int, str | None]:
+def resolve_data(cfg: ProfileConfig, manifest: dict
+                 ) -> tuple[ProfileConfig, int, str | None, bool]:
     """Fill unset data flags from the finetune stage (same data, same held-out carve).
 
-    Returns the resolved config, the seed of the held-out carve and, when the data path
-    came from nsn.json, a note naming it for the user. Finetune's settings are inherited
-    only when --data is unset or names the same data; a data path inherited from the
-    file is first checked against the fingerprint finetune recorded (provenance.py).
+    Returns the resolved config, the seed of the held-out carve, when the data path
+    came from nsn.json a note naming it for the user, and whether the data is
+    finetune's. Finetune's settings are inherited only when --data is unset or names the
+    same data; a data path inherited from the file is first checked against the
+    fingerprint finetune recorded (provenance.py). Other data is the evaluation set
+    itself and is measured whole (`ProfileConfig.data_spec(whole=...)`).
     """
     finetune = manifest["stages"].get("finetune") or {}
     recorded = finetune.get("config") or {}
@@ -63,7 +66,7 @@ def resolve_data(cfg: ProfileConfig, manifest: dict) -> tuple[ProfileConfig, int
             Path(cfg.project), values["data"], (finetune.get("summary") or {}).get("data_source"),
             "the finetune data", "pass --data to choose the evaluation data yourself")
     seed = recorded.get("seed", 0) if inherit else 0
-    return replace(cfg, **values), seed if isinstance(seed, int) else 0, note
+    return replace(cfg, **values), seed if isinstance(seed, int) else 0, note, inherit
 
 
 def timing_batch(dataset, batch_size: int, seq_len: int, pad_id: int, device) -> dict:

@@ -52,11 +52,13 @@ def bert_profile(converted, tmp_path_factory):
     return project, run(project, data=str(LABELS), rank_fractions=[0.25, 0.5, 1.0])
 
 
-def reference_metric(model_dir, family, task, data, tokenizer):
+def reference_metric(model_dir, family, task, data, tokenizer, whole=True):
     """The original (never nested) model, evaluated by the same function profile uses."""
     cls = AutoModelForCausalLM if task == "causal-lm" else AutoModelForSequenceClassification
     model = cls.from_pretrained(model_dir).eval()
-    split = load_task_data(DataSpec(data=str(data)), tokenizer, task, FAST["seq_len"]).eval
+    # Data named for profile alone is measured whole (it has no evaluation split).
+    split = load_task_data(DataSpec(data=str(data), whole=whole), tokenizer, task,
+                           FAST["seq_len"]).eval
     return evaluate(model, batches(split, FAST["batch_size"], tokenizer.pad_token_id, "cpu"),
                     task).metrics
 
@@ -216,7 +218,8 @@ def test_baseline_is_the_convert_time_model_after_finetune(converted, tiny_model
                             "ladder": [0.25, 0.5, 1.0]})
     result = run(project, budgets=[1.0], baseline=True)  # data and seq_len from finetune
     frame = result.frame.set_index("variant")
-    original = reference_metric(tiny_models["gpt2"], "gpt2", "causal-lm", TINY_TEXT, tokenizer)
+    original = reference_metric(tiny_models["gpt2"], "gpt2", "causal-lm", TINY_TEXT, tokenizer,
+                                whole=False)  # finetune's data: the part it held out
     assert frame.loc["baseline", "perplexity"] == pytest.approx(original["perplexity"], rel=1e-5)
     assert frame.loc["nsn", "perplexity"] != pytest.approx(original["perplexity"], rel=1e-3)
     assert frame.loc["dense", "perplexity"] == pytest.approx(frame.loc["nsn", "perplexity"],
@@ -313,6 +316,25 @@ def test_classifier_baseline_is_truncated_svd_of_the_project(converted, tmp_path
         ours = (layer.dense_weight(r) - full).norm()
         theirs = (nested_layers(base)[name].dense_weight(r) - full).norm()
         assert theirs <= ours + 1e-5
+
+
+def test_named_data_is_measured_whole_finetunes_own_data_only_its_held_out_part(
+        bert_profile, converted, tokenizer, tmp_path):
+    rows = len(load_task_data(DataSpec(data=str(LABELS), whole=True), tokenizer, "seq-cls",
+                              FAST["seq_len"]).eval)
+    assert rows == sum(1 for line in LABELS.read_text().splitlines() if line.strip())
+    assert bert_profile[1].run["samples"] == rows  # --data FILE: every row of it
+    project = copy_project(converted, "bert", tmp_path)
+    record_stage(project, "finetune", {"data": str(LABELS), "seq_len": 32, "seed": 0,
+                                       "eval_fraction": 0.25}, [], {})
+    carved = len(load_task_data(DataSpec(data=str(LABELS), eval_fraction=0.25), tokenizer,
+                                "seq-cls", FAST["seq_len"]).eval)
+    assert carved < rows
+    assert run(project, rank_fractions=[1.0]).run["samples"] == carved  # finetune's held out
+    asked = run(project, data=str(DATA / "tiny_labels.jsonl"), eval_fraction=0.5,
+                rank_fractions=[1.0]).run["samples"]
+    assert asked == len(load_task_data(DataSpec(data=str(LABELS), eval_fraction=0.5),
+                                       tokenizer, "seq-cls", FAST["seq_len"]).eval)
 
 
 def test_latency_ratio_pairs_each_round_with_the_dense_time_of_that_round():
