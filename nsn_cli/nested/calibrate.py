@@ -169,3 +169,46 @@ def nest_activation_aware(model: nn.Module, specs: list, batches: Callable[[], I
         nest_model(model, [s for s in specs if s.name in set(group)], factor_fn=factor,
                    on_layer=on_layer)
     return energies
+
+
+def redecompose_whitened(model: nn.Module, batches: Callable[[], Iterable[dict]],
+                         max_bytes: int = MAX_BYTES, damping: float | None = None
+                         ) -> dict[str, torch.Tensor]:
+    """Re-factor every nested layer of an already nested model by whitened SVD, in place.
+
+    For a project converted without calibration: each layer's exact full-rank weight
+    (B A at R, whatever training did to the factors) is decomposed again on the inputs
+    it sees in `batches`, so full rank still computes the same function while every
+    prefix now keeps the directions of largest output energy. Layers run at full rank
+    during the passes (the model being re-decomposed). Returns the component output
+    energies, as `nest_activation_aware` does, for the global allocation.
+    """
+    from nsn_cli.nested.decompose import DAMPING, whitened_svd
+    from nsn_cli.nested.surgery import nested_layers
+
+    layers = nested_layers(model)
+    previous = {n: m.rank for n, m in layers.items()}
+    for layer in layers.values():
+        layer.set_rank(layer.max_rank)
+    energies: dict[str, torch.Tensor] = {}
+    try:
+        for group in moment_groups({n: m.d_in for n, m in layers.items()}, max_bytes):
+            moments = Moments()
+            accumulate_group(model, {n: layers[n] for n in group}, batches, moments, None)
+            for name in group:
+                if moments.rows.get(name, 0) == 0:
+                    raise DataError(f"calibration never reached {name} (no data rows passed "
+                                    "through it)")
+                layer = layers[name]
+                A, B, S = whitened_svd(layer.dense_weight(layer.max_rank),
+                                       moments.normalised(name), layer.max_rank,
+                                       DAMPING if damping is None else damping)
+                with torch.no_grad():
+                    layer.A.copy_(A.to(layer.A.dtype))
+                    layer.B.copy_(B.to(layer.B.dtype))
+                energies[name] = S.to(torch.float64) ** 2
+                del moments.xtx[name]
+    finally:
+        for name, rank in previous.items():
+            layers[name].set_rank(rank)
+    return energies

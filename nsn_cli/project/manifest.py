@@ -156,9 +156,14 @@ def write_manifest(project: Path, manifest: dict) -> None:
 
 
 def record_stage(project: Path, stage: str, config: dict, outputs: list[dict],
-                 summary: dict) -> dict:
-    """Record a finished stage (its resolved config, outputs with checksums, summary)."""
+                 summary: dict, updates: dict | None = None) -> dict:
+    """Record a finished stage (its resolved config, outputs with checksums, summary).
+
+    `updates` sets top-level keys (decomposition, allocation) in the same atomic write,
+    so the description of the files never disagrees with their checksums.
+    """
     manifest = read_manifest(project)
+    manifest.update(updates or {})
     # Re-insert at the end: `stages` stays in completion order, so the newest record of
     # a file rewritten by a later stage wins (integrity.current_records).
     manifest["stages"].pop(stage, None)

@@ -26,8 +26,14 @@ def calibration_batches(data: str, tokenizer, task: str, samples: int = DEFAULT_
     spec = DataSpec(data=data, text_column=text_column,
                     label_column="label" if task == "seq-cls" else "")
     rows = load_task_data(spec, tokenizer, task, seq_len, vocab_size).train
-    rows = rows.select(range(min(samples, len(rows))))
     pad_id = pad_token_id(tokenizer)
+    return row_batches(rows, pad_id, samples, batch_size)
+
+
+def row_batches(rows, pad_id: int, samples: int = DEFAULT_SAMPLES,
+                batch_size: int = BATCH_SIZE) -> list[dict]:
+    """The first `samples` of tokenised `rows` (a datasets split) as padded input batches."""
+    rows = rows.select(range(min(samples, len(rows))))
     batches = []
     for start in range(0, len(rows), batch_size):
         chunk = [{"input_ids": list(map(int, r["input_ids"]))}

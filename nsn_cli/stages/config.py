@@ -208,17 +208,26 @@ class FinetuneConfig(DataOptions):
     dtype: Literal["float32", "bfloat16"] = opt(
         "float32", "Compute dtype: bfloat16 autocasts the forward pass (weights stay float32).")
     seed: int = opt(0, "Seed of the data order, the rank draws, dropout and a new head.")
-    ladder: list[float] | str = opt([0.0625, 0.125, 0.25, 0.5, 1.0],
-                                    "Trainable rank fractions (comma-separated); the largest is "
-                                    "trained at every step.")
-    ranks_per_step: int = opt(2, "Ranks trained per step: the top one plus this minus one "
-                                 "drawn from the rest of the ladder.")
+    ladder: list[float] | str = opt("auto", "FLOPs budgets to train (comma-separated "
+                                            "fractions of the dense model at seq_len 128, "
+                                            "as nsn profile's --budgets); the largest is "
+                                            "trained at every step. auto: from the model's "
+                                            "floor through 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, "
+                                            "0.7 to 1.")
+    ranks_per_step: int = opt(2, "Ladder points trained per step: the top one (and with "
+                                 "--sandwich the lowest) plus the rest drawn from the others.")
+    sandwich: bool = opt(False, "Train the lowest ladder point at every step too.")
     objective: Literal["uncertainty", "uniform"] = opt(
         "uncertainty", "How the ranks of a step are combined: uncertainty (learned weights "
                        "exp(-s_k)) or uniform (plain average).")
     distill: bool = opt(True, "Lower ranks also match the top rank's output distribution "
                               "(KL to its detached logits); on by default, as measured in "
                               "benchmarks/finetune_objectives.py (see docs/finetune.md).")
+    calibrate: bool = opt(True, "A project converted without --calib is first re-decomposed "
+                                "from its exact full-rank weights by whitened SVD on the "
+                                "training data, with the global rank ordering (recorded in "
+                                "nsn.json and allocation.json; full rank is unchanged; see "
+                                "docs/frontier.md).")
     eval_every: int = opt(50, "Evaluate on the held-out split every N steps (0: only before "
                               "and after training).")
     eval_samples: int = opt(256, "Held-out rows (LM: blocks) used by each evaluation.")

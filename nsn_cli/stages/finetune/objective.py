@@ -1,12 +1,16 @@
 """The joint multi-rank objective: the rank ladder, the per-step rank sampler and the loss.
 
-* The ladder is a short list of rank fractions (default geometric, 1/16 … 1). A ladder
-  point maps to per-layer ranks through one function, `allocation.ranks_at`: the same
-  fraction of R everywhere, or, when the project carries a global per-layer ordering,
-  the prefix of that ordering costing the same FLOPs.
-* Each step trains the top point plus `ranks_per_step − 1` points drawn from the rest.
-  The draw depends only on (seed, step), so a resumed run draws exactly what an
-  uninterrupted one would, and every DDP process draws the same points.
+* The ladder is a list of FLOPs budgets, fractions of the dense model's FLOPs/token at
+  seq_len 128: the space `nsn profile`, `frontier` and `export --budget` speak. A point
+  maps to the very setting `set_budget` picks for that budget (so a profiled budget that
+  is a ladder point is exactly a trained setting); a point at or below the model's floor
+  is the lowest setting. The default, `auto`, runs from the floor to 1.0 through
+  AUTO_BUDGETS, dense at the low end where the curve bends, so every budget a default
+  profile reports lies between trained points.
+* Each step trains the top point, with `sandwich` the lowest one too, and draws the
+  rest of its `ranks_per_step` points from the others. The draw depends only on
+  (seed, step), so a resumed run draws exactly what an uninterrupted one would, and
+  every DDP process draws the same points.
 * Loss `Σ_k exp(−s_k)·L_k + s_k` with one learned log-variance `s_k` per ladder point
   (Kendall et al. 2018). Setting the derivative in s_k to zero gives exp(−s_k) = 1/L_k:
   each rank's gradient is that of log L_k, so a rank with a large loss cannot drown the
@@ -27,35 +31,77 @@ from torch import nn
 from nsn_cli.errors import UsageError
 from nsn_cli.text import parse_fractions
 
-DEFAULT_LADDER = (0.0625, 0.125, 0.25, 0.5, 1.0)
+AUTO = "auto"
+# The auto ladder's budgets above the floor: profile's default grid up to one half, then
+# coarser (the curve is flat near full rank).
+AUTO_BUDGETS = (0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.7, 1.0)
 OBJECTIVES = ("uncertainty", "uniform")
 
 
-def parse_ladder(spec) -> list[float]:
-    """Rank fractions from a list or a comma string, sorted; each in (0, 1], no repeats."""
+def parse_ladder(spec) -> list[float] | None:
+    """FLOPs budgets from a list or a comma string, sorted; each in (0, 1], no repeats.
+    None for `auto` (resolved against the model by `resolve_ladder`)."""
+    if isinstance(spec, str) and spec.strip() == AUTO:
+        return None
     fractions = parse_fractions(spec, "--ladder")
     if len(set(fractions)) != len(fractions):
         raise UsageError(f"--ladder repeats a fraction: {spec!r}")
     return sorted(fractions)
 
 
+def floor_fraction(model: nn.Module) -> float:
+    """FLOPs fraction of the model's lowest setting (rank 1 wherever the settings allow)."""
+    from nsn_cli.nested.budget import DEFAULT_SEQ_LEN, cost_table, settings_for
+
+    table = cost_table(model)
+    return (table.flops(settings_for(model).ranks(0), DEFAULT_SEQ_LEN)
+            / table.dense_flops(DEFAULT_SEQ_LEN))
+
+
+def resolve_ladder(model: nn.Module, ladder: list[float] | None) -> list[float]:
+    """The ladder to train: as given, or for `auto` the floor (rounded up, so it is a
+    budget `set_budget` accepts) and every AUTO_BUDGETS point above it."""
+    if ladder is not None:
+        return ladder
+    floor = math.ceil(floor_fraction(model) * 1e4) / 1e4
+    return [min(floor, 1.0)] + [b for b in AUTO_BUDGETS if b > floor]
+
+
 def ladder_settings(model: nn.Module, ladder: list[float]) -> list[dict[str, int]]:
-    """Per-layer ranks of every ladder point (lowest first)."""
-    from nsn_cli.nested.allocation import ranks_at
+    """Per-layer ranks of every ladder point (lowest first): what `set_budget` picks at
+    that FLOPs budget (seq_len 128), the lowest setting for a point below the floor.
+    The model's active ranks are left as they were."""
+    from nsn_cli.errors import BudgetError
+    from nsn_cli.nested.budget import apply_ranks, set_budget, settings_for
+    from nsn_cli.nested.surgery import nested_layers
 
-    return [ranks_at(model, fraction) for fraction in ladder]
+    active = {n: m.rank for n, m in nested_layers(model).items()}
+    out = []
+    try:
+        for budget in ladder:
+            try:
+                out.append(set_budget(model, budget).ranks)
+            except BudgetError:
+                out.append(settings_for(model).ranks(0))
+    finally:
+        apply_ranks(model, active)
+    return out
 
 
-def ranks_for_step(ladder_size: int, ranks_per_step: int, seed: int, step: int) -> list[int]:
-    """Ladder indices trained at `step`: the top one first, then the sampled ones (falling).
+def ranks_for_step(ladder_size: int, ranks_per_step: int, seed: int, step: int,
+                   sandwich: bool = False) -> list[int]:
+    """Ladder indices trained at `step`, falling: the top one, with `sandwich` the lowest,
+    and the rest of `ranks_per_step` drawn from the points in between.
 
     A string seed is hashed with SHA-512 by `random`, so the draw is the same in every
     process and every run, whatever PYTHONHASHSEED is.
     """
     top = ladder_size - 1
-    count = min(max(ranks_per_step - 1, 0), top)
-    drawn = random.Random(f"nsn-ladder:{seed}:{step}").sample(range(top), count)
-    return [top] + sorted(drawn, reverse=True)
+    fixed = [top] + ([0] if sandwich and top > 0 and ranks_per_step > 1 else [])
+    pool = [i for i in range(top) if i not in fixed]
+    count = min(max(ranks_per_step - len(fixed), 0), len(pool))
+    drawn = random.Random(f"nsn-ladder:{seed}:{step}").sample(pool, count)
+    return sorted(fixed + drawn, reverse=True)
 
 
 class RankWeights(nn.Module):

@@ -19,7 +19,8 @@ from nsn_cli.project.data import TaskData, load_task_data, pad_token_id
 from nsn_cli.stages.finetune.distributed import Dist
 from nsn_cli.errors import DataError, ModelError, UsageError
 from nsn_cli.nested.layer import NestedLinear
-from nsn_cli.stages.finetune.objective import OBJECTIVES, ladder_settings, parse_ladder
+from nsn_cli.stages.finetune.objective import (OBJECTIVES, ladder_settings, parse_ladder,
+                                               resolve_ladder)
 from nsn_cli.project.manifest import MODEL_DIR, read_manifest
 from nsn_cli.stages.runtime import resolve_seq_len
 from nsn_cli.project.provenance import fingerprint
@@ -31,7 +32,8 @@ DTYPES = ("float32", "bfloat16")
 DEFAULT_MAX_SEQ_LEN = 256
 # Flags that may change between a run and its resume without changing what is trained.
 RESUME_FREE = {"project", "resume", "eval_every", "eval_samples", "save_every",
-               "keep_checkpoints", "device", "fsdp"}
+               "keep_checkpoints", "device", "fsdp",
+               "calibrate"}  # calibration is done by the time a resume could change it
 
 
 @dataclass
@@ -50,6 +52,7 @@ class Inputs:
     checkpoint: ckpt.Checkpoint | None
     head: str | None  # seq-cls: kept / reordered / new
     data_source: dict | None = None  # fingerprint of --data (project/provenance.py)
+    calibration: dict | None = None  # set when this run calibrated the project first
 
     def forward_args(self, batch: dict) -> dict:
         args = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
@@ -60,8 +63,8 @@ class Inputs:
 
 # ---------------------------------------------------------------- flags
 
-def validate(cfg: FinetuneConfig) -> list[float]:
-    """Check every flag (no I/O); returns the parsed ladder."""
+def validate(cfg: FinetuneConfig) -> list[float] | None:
+    """Check every flag (no I/O); returns the parsed ladder (None: auto)."""
     if not cfg.project:
         raise UsageError("a project directory is required")
     if not cfg.data:
@@ -98,7 +101,7 @@ def resolved_config(cfg: FinetuneConfig, ladder: list[float], seq_len: int) -> d
 
 # ---------------------------------------------------------------- loading
 
-def load_inputs(cfg: FinetuneConfig, ladder: list[float], dist: Dist) -> Inputs:
+def load_inputs(cfg: FinetuneConfig, ladder: list[float] | None, dist: Dist) -> Inputs:
     project = Path(cfg.project)
     manifest = read_manifest(project)
     refuse_symlinks(project, MODEL_DIR, FINETUNE_DIR)  # a fresh run deletes finetune/
@@ -106,6 +109,7 @@ def load_inputs(cfg: FinetuneConfig, ladder: list[float], dist: Dist) -> Inputs:
     if cfg.resume:
         checkpoint = ckpt.find_latest(project / FINETUNE_DIR / CHECKPOINTS)
     model, tokenizer = load_model(project, manifest, checkpoint)
+    ladder = resolve_ladder(model, ladder)
     task = manifest["task"]
     seq_len = resolve_seq_len(cfg.seq_len, model.config, DEFAULT_MAX_SEQ_LEN)
     spec = cfg.data_spec(cfg.seed)

@@ -65,11 +65,33 @@ def finetune(cfg: FinetuneConfig, on_start=None, on_step=None, on_eval=None) -> 
         lock = project_lock(Path(cfg.project), "nsn finetune") if dist.is_main \
             else contextlib.nullcontext()
         with lock:
-            trainer = Trainer(cfg, load_inputs(cfg, ladder, dist), dist)
+            inputs = load_inputs(cfg, ladder, dist)
+            calibrate_first(cfg, inputs, dist)
+            trainer = Trainer(cfg, inputs, dist)
             callbacks = Callbacks(on_start, on_step, on_eval) if dist.is_main else Callbacks()
             return run(trainer, callbacks)
     finally:
         dist.close()
+
+
+def calibrate_first(cfg: FinetuneConfig, inputs, dist) -> None:
+    """Whitened SVD and the global ordering on the training data, for a project converted
+    without calibration (see calibrate.py); every process computes the same factors,
+    process 0 writes them."""
+    from nsn_cli.project.manifest import read_manifest
+    from nsn_cli.stages.finetune import calibrate as calib
+    from nsn_cli.stages.finetune.objective import ladder_settings
+
+    manifest = read_manifest(Path(cfg.project))
+    if inputs.checkpoint is not None or not calib.needs_calibration(
+            manifest, cfg.calibrate, inputs.ladder):
+        return
+    summary = calib.calibrate(inputs.model, inputs.data.train, inputs.pad_id)
+    inputs.settings = ladder_settings(inputs.model, inputs.ladder)
+    inputs.calibration = summary
+    if dist.is_main:
+        calib.write_calibrated(Path(cfg.project), inputs.model, inputs.tokenizer,
+                               inputs.resolved, summary)
 
 
 def run(trainer: Trainer, callbacks: Callbacks) -> FinetuneResult:
@@ -191,6 +213,7 @@ def build_summary(trainer: Trainer, final: dict[float, dict], start: int, second
     return {"steps": cfg.steps, "resumed_from": start or None,
             "train_tokens": int(trainer.state.get("tokens", 0)),
             "seconds_this_run": round(seconds, 2), "objective": cfg.objective,
-            "distill": cfg.distill, "ladder": inputs.ladder, "head": inputs.head,
+            "distill": cfg.distill, "ladder": inputs.ladder, "ladder_space": "flops",
+            "calibration": inputs.calibration, "head": inputs.head,
             "labels": inputs.data.labels, "data": inputs.data.stats,
             "data_source": inputs.data_source, "ranks": ranks}

@@ -107,7 +107,7 @@ class Trainer:
         cfg, size = self.cfg, len(self.inputs.ladder)
         start = time.perf_counter()
         seed_step(cfg.seed, step, self.dist.rank)
-        picked = ranks_for_step(size, cfg.ranks_per_step, cfg.seed, step)
+        picked = ranks_for_step(size, cfg.ranks_per_step, cfg.seed, step, cfg.sandwich)
         lr = self.set_lr(step)
         sums = torch.zeros(2 * size + 1, dtype=torch.float64)  # losses, distill, tokens
         for micro in range(cfg.grad_accum):
@@ -149,7 +149,7 @@ class Trainer:
         for index in picked:
             value = float(sums[index]) + float(sums[size + index])
             if not math.isfinite(value):
-                self.stop(f"the loss at rank fraction {self.inputs.ladder[index]:g} became "
+                self.stop(f"the loss at ladder budget {self.inputs.ladder[index]:g} became "
                           f"{value} at step {step + 1}")
         if self.weights.log_vars.grad is not None:
             self.dist.mean_(self.weights.log_vars.grad)

@@ -73,11 +73,20 @@ def ladder_fractions(manifest: dict) -> list[float]:
 
 
 def ladder_points(model: nn.Module, manifest: dict, seq_len: int) -> list[dict]:
-    """Where each trained ladder rank sits on the FLOPs axis (for the frontier plot)."""
+    """Where each trained ladder point sits on the FLOPs axis (for the frontier plot).
+
+    Ladders are FLOPs budgets (summary `ladder_space: flops`); finetunes before that
+    recorded rank fractions, placed as they were trained."""
     from nsn_cli.nested.allocation import ranks_at
+    from nsn_cli.stages.finetune.objective import ladder_settings
 
     table = cost_table(model)
     dense = table.dense_flops(seq_len)
+    values = ladder_fractions(manifest)
+    summary = (manifest["stages"].get("finetune") or {}).get("summary") or {}
+    if summary.get("ladder_space") == "flops":
+        return [{"budget": b, "flops_fraction": table.flops(ranks, seq_len) / dense}
+                for b, ranks in zip(values, ladder_settings(model, values))]
     return [{"rank_fraction": f, "flops_fraction": table.flops(ranks_at(model, f, seq_len),
                                                                seq_len) / dense}
-            for f in ladder_fractions(manifest)]
+            for f in values]

@@ -21,8 +21,11 @@ from nsn_cli.project.files import sha256_file
 
 LABELLED = DATA / "tiny_labels.jsonl"
 # Small and quick: 32-token blocks of the shipped text, a high lr so a few steps show.
+# A fixed ladder of FLOPs budgets above the tiny GPT-2's floor (0.52), and no calibration:
+# these tests are about the training loop (calibration: test_calibrate.py).
+LADDER = [0.55, 0.6, 0.7, 0.85, 1.0]
 FAST = dict(seq_len=32, steps=12, batch_size=4, lr=3e-3, scale_lr=0.05, eval_every=0,
-            save_every=0, eval_samples=8)
+            save_every=0, eval_samples=8, ladder=LADDER, calibrate=False)
 
 
 def run(project, data=TINY_TEXT, **overrides):
@@ -49,17 +52,20 @@ def read_csv(path):
 # ---------------------------------------------------------------- what finetune must achieve
 
 def test_every_ladder_rank_beats_its_truncated_svd(lm_project, converted, tokenizer):
+    from nsn_cli.nested.budget import apply_ranks
+    from nsn_cli.stages.finetune.objective import ladder_settings
+
     result = run(lm_project, steps=20)
     rows = {r["fraction"]: r for r in result.summary["ranks"]}
-    assert sorted(rows) == [0.0625, 0.125, 0.25, 0.5, 1.0]
+    assert sorted(rows) == LADDER
     # "before" is the converted model (truncated SVD) measured the way profile measures it.
     original, _ = load(converted["gpt2"])
     task = ft.load_inputs(FinetuneConfig(project=str(converted["gpt2"]), data=str(TINY_TEXT),
                                          **FAST), [1.0], ft.setup("cpu")).data
     held_out = batches(task.eval.select(range(min(8, len(task.eval)))), 4,
                        tokenizer.pad_token_id, "cpu")
-    for fraction, row in rows.items():
-        set_rank(original, fraction=fraction)
+    for (fraction, row), ranks in zip(sorted(rows.items()), ladder_settings(original, LADDER)):
+        apply_ranks(original, ranks)
         truncated = evaluate(original, held_out, "causal-lm").metrics["nll"]
         assert row["before"]["nll"] == pytest.approx(truncated, rel=1e-6)
         assert row["after"]["nll"] < truncated - 0.5, fraction
@@ -69,7 +75,7 @@ def test_learned_weights_settle_at_inverse_losses(lm_project):
     """At the optimum exp(−s_k) = 1/L_k: the lowest rank, with the highest loss, gets the
     smallest weight and the top rank the largest (every rank trains at every step here,
     so each s_k gets the same number of updates)."""
-    ladder = [0.0625, 0.25, 1.0]
+    ladder = [0.53, 0.7, 1.0]
     result = run(lm_project, steps=150, batch_size=8, ladder=ladder, ranks_per_step=3)
     # L_k is what the weight multiplies: the task loss plus, below the top, the distill KL.
     recent = {f: sum(r.losses[f] + r.distill[f] for r in result.history[-10:]) / 10
@@ -77,8 +83,8 @@ def test_learned_weights_settle_at_inverse_losses(lm_project):
     weights = {row["fraction"]: row["weight"] for row in result.summary["ranks"]}
     for fraction in ladder:
         assert weights[fraction] == pytest.approx(1 / recent[fraction], rel=0.01)
-    assert recent[0.0625] > recent[0.25] + 0.01 > recent[1.0] + 0.02
-    assert weights[0.0625] < weights[0.25] < weights[1.0]
+    assert recent[0.53] > recent[0.7] + 0.01 > recent[1.0] + 0.02
+    assert weights[0.53] < weights[0.7] < weights[1.0]
 
 
 def test_outputs_manifest_and_reload(lm_project):
@@ -92,7 +98,10 @@ def test_outputs_manifest_and_reload(lm_project):
         "config.json", "model.safetensors", "optimizer.safetensors", "state.json", "tokenizer"]
     metrics = read_csv(folder / "metrics.csv")
     assert list(metrics[0]) == list(ft.METRIC_COLUMNS)
-    assert [(int(r["step"]), float(r["rank"])) for r in metrics][:2] == [(1, 1.0), (1, 0.125)]
+    from nsn_cli.stages.finetune.objective import ranks_for_step
+
+    drawn = LADDER[ranks_for_step(len(LADDER), 2, 0, 0)[1]]
+    assert [(int(r["step"]), float(r["rank"])) for r in metrics][:2] == [(1, 1.0), (1, drawn)]
     assert len(metrics) == 4 * 2  # two ranks per step
     evals = read_csv(folder / "eval.csv")
     assert sorted({int(r["step"]) for r in evals}) == [0, 2, 4]
@@ -101,7 +110,7 @@ def test_outputs_manifest_and_reload(lm_project):
     manifest = json.loads((lm_project / "nsn.json").read_text())
     assert list(manifest["stages"]) == ["convert", "finetune"]
     stage = manifest["stages"]["finetune"]
-    assert stage["config"]["ladder"] == [0.0625, 0.125, 0.25, 0.5, 1.0]
+    assert stage["config"]["ladder"] == LADDER
     records = {o["path"]: o for o in stage["outputs"]}
     assert {"model/nsn.safetensors", "model/config.json", "finetune/metrics.csv",
             "finetune/eval.csv"} <= set(records)
@@ -360,20 +369,20 @@ def test_lr_schedule_warms_up_then_decays_to_a_tenth():
 
 def test_global_allocation_ladder_and_resume(tiny_models, tmp_path):
     """A project with a global per-layer ordering trains its ladder points in that space."""
-    from nsn_cli.nested.allocation import ranks_at
     from nsn_cli.stages.config import ConvertConfig
+    from nsn_cli.stages.finetune.objective import ladder_settings
     from nsn_cli.stages.convert import convert
 
     project = tmp_path / "global"
     convert(ConvertConfig(model=str(tiny_models["llama"]), out_dir=str(project),
                           allocation="global"))
     cfg = FinetuneConfig(project=str(project), data=str(TINY_TEXT), **FAST)
-    inputs = ft.load_inputs(cfg, [0.25, 1.0], ft.setup("cpu"))
+    inputs = ft.load_inputs(cfg, [0.7, 1.0], ft.setup("cpu"))
     model, _ = load(project)
-    assert inputs.settings == [ranks_at(model, 0.25), ranks_at(model, 1.0)]
+    assert inputs.settings == ladder_settings(model, [0.7, 1.0])
     assert len(set(inputs.settings[0].values())) > 1  # not one uniform rank
-    run(project, steps=4, save_every=2, ladder="0.25,1")
-    result = run(project, steps=4, save_every=2, ladder="0.25,1", resume=True)
+    run(project, steps=4, save_every=2, ladder="0.7,1")
+    result = run(project, steps=4, save_every=2, ladder="0.7,1", resume=True)
     assert result.resumed_from == 4
 
 
@@ -394,7 +403,7 @@ def test_a_nested_head_trains_and_keeps_the_low_budget(tiny_models, tmp_path):
     assert not torch.equal(model.lm_head.A, before)  # the head's factors were trained
     assert model.lm_head.A.data_ptr() != model.transformer.wte.weight.data_ptr()
     rows = {r["fraction"]: r for r in result.summary["ranks"]}
-    assert rows[0.0625]["after"]["nll"] < rows[0.0625]["before"]["nll"]
+    assert rows[0.55]["after"]["nll"] < rows[0.55]["before"]["nll"]
     assert set_budget(model, 0.3, seq_len=32).flops_fraction <= 0.3
 
 

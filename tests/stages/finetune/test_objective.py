@@ -9,15 +9,17 @@ from tests.helpers import build_tiny, sample_ids
 from nsn_cli.nested.settings import ranks_for_fraction
 from nsn_cli.stages.convert import convert_model
 from nsn_cli.errors import UsageError
-from nsn_cli.stages.finetune.objective import (DEFAULT_LADDER, RankWeights, distill_loss, ladder_settings,
-                               parse_ladder, ranks_for_step, task_loss, teacher_from)
+from nsn_cli.stages.finetune.objective import (AUTO_BUDGETS, RankWeights, distill_loss,
+                                               floor_fraction, ladder_settings, parse_ladder,
+                                               ranks_for_step, resolve_ladder, task_loss,
+                                               teacher_from)
 from nsn_cli.nested.surgery import nested_layers
 
 
 def test_parse_ladder_accepts_strings_and_lists():
     assert parse_ladder("1, 0.25,0.5") == [0.25, 0.5, 1.0]
     assert parse_ladder([0.5, 1]) == [0.5, 1.0]
-    assert parse_ladder(list(DEFAULT_LADDER)) == [1 / 16, 1 / 8, 1 / 4, 1 / 2, 1]
+    assert parse_ladder("auto") is None and parse_ladder(" auto ") is None
 
 
 @pytest.mark.parametrize("spec,needle", [("", "empty"), ("0.5,abc", "numbers"),
@@ -37,6 +39,16 @@ def test_rank_draws_are_deterministic_distinct_and_keep_the_top():
     counts = collections.Counter(i for d in draws for i in d[1:])
     assert set(counts) == {0, 1, 2, 3}
     assert min(counts.values()) > 150  # 800 draws over 4 ranks: roughly uniform
+
+
+def test_sandwich_always_trains_the_lowest_point_and_draws_the_rest_between():
+    draws = [ranks_for_step(6, 3, seed=7, step=s, sandwich=True) for s in range(400)]
+    for draw in draws:
+        assert draw[0] == 5 and draw[-1] == 0 and len(set(draw)) == 3
+    counts = collections.Counter(d[1] for d in draws)
+    assert set(counts) == {1, 2, 3, 4} and min(counts.values()) > 60
+    assert ranks_for_step(6, 2, 0, 0, sandwich=True) == [5, 0]
+    assert ranks_for_step(1, 3, 0, 0, sandwich=True) == [0]
 
 
 def test_rank_draws_clip_to_the_ladder():
@@ -103,19 +115,44 @@ def test_distill_is_zero_for_the_teacher_and_positive_below_it():
         == pytest.approx(0, abs=1e-6)
 
 
-def test_ladder_points_use_the_projects_rank_family():
+def test_ladder_points_are_the_settings_profile_measures_at_those_budgets():
+    """A ladder point is a FLOPs budget: the setting set_budget picks there, uniform or
+    global, so a profiled budget on the ladder is a trained setting."""
+    from nsn_cli.nested.allocation import attach_global, global_order
+    from nsn_cli.nested.budget import flops_fraction, set_budget, settings_for
+
     model = build_tiny("llama")
     convert_model(model)
     layers = nested_layers(model)
-    settings = ladder_settings(model, [0.25, 1.0])
-    assert settings == [ranks_for_fraction(layers, 0.25), ranks_for_fraction(layers, 1.0)]
+    for attach in (False, True):
+        if attach:
+            attach_global(model, *global_order(model))
+        before = {n: m.rank for n, m in layers.items()}
+        floor = floor_fraction(model)
+        ladder = [floor / 2] + [floor + (1 - floor) * t for t in (0.3, 0.6)] + [1.0]
+        settings = ladder_settings(model, ladder)  # the first point is below the floor
+        assert {n: m.rank for n, m in layers.items()} == before  # active ranks untouched
+        assert settings[0] == settings_for(model).ranks(0)
+        for budget, ranks in zip(ladder[1:], settings[1:]):
+            assert ranks == set_budget(model, budget).ranks
+            assert flops_fraction(model) <= budget
+        assert settings[-1] == {n: m.max_rank for n, m in layers.items()}
+        assert settings[1] != ranks_for_fraction(layers, ladder[1])  # not a rank fraction
 
-    from nsn_cli.nested.allocation import attach_global, global_order
 
-    attach_global(model, *global_order(model))
-    low, top = ladder_settings(model, [0.25, 1.0])
-    assert top == {n: m.max_rank for n, m in layers.items()}
-    assert low != settings[0] and all(low[n] <= top[n] for n in low)
+def test_auto_ladder_runs_from_the_floor_through_every_profile_budget():
+    from nsn_cli.stages.profile.points import DEFAULT_BUDGETS
+
+    model = build_tiny("bert")
+    convert_model(model)
+    floor = floor_fraction(model)
+    ladder = resolve_ladder(model, None)
+    assert floor <= ladder[0] < floor + 1e-4 and ladder[-1] == 1.0
+    assert ladder[1:] == [b for b in AUTO_BUDGETS if b > ladder[0]]
+    assert ladder_settings(model, ladder[:1])[0] == ladder_settings(model, [floor / 2])[0]
+    measurable = [b for b in DEFAULT_BUDGETS if b >= floor]
+    assert all(ladder[0] <= b <= ladder[-1] for b in measurable)
+    assert resolve_ladder(model, [0.5, 1.0]) == [0.5, 1.0]
 
 
 def test_distill_ignores_padded_positions():
