@@ -280,7 +280,8 @@ def test_finetune_never_saves_non_finite_weights(project, monkeypatch):
 
     monkeypatch.setattr(torch.optim.AdamW, "step", poisoning_step)
     cfg = FinetuneConfig(project=str(project), data=str(TINY_TEXT), seq_len=32, steps=6,
-                         batch_size=4, eval_every=0, eval_samples=8, save_every=1)
+                         batch_size=4, eval_every=0, eval_samples=8, save_every=1,
+                         calibrate=False)  # calibrating would rightly rewrite model/ first
     with pytest.raises(TrainingError, match="refusing to save checkpoint 3: 1 tensors"):
         finetune(cfg)
     latest = ckpt.find_latest(project / "finetune" / "checkpoints")

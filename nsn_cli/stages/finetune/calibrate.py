@@ -23,6 +23,7 @@ from torch import nn
 from nsn_cli.nested.allocation import build_global
 from nsn_cli.nested.calibrate import iterate, redecompose_whitened
 from nsn_cli.nested.decompose import DAMPING
+from nsn_cli.nested.state import nested_state
 from nsn_cli.project.allocation_file import ALLOCATION_FILE, write_allocation
 from nsn_cli.project.files import file_record, folder_records
 from nsn_cli.project.manifest import MODEL_DIR, mark_unfinished, record_stage
@@ -56,7 +57,7 @@ def write_calibrated(project: Path, model: nn.Module, tokenizer, config: dict,
     """DIR/model/, allocation.json and the manifest, as convert --calib would have."""
     from nsn_cli.project.loading import save_model
 
-    settings = model._nsn_settings
+    settings = nested_state(model).settings
     mark_unfinished(project, "finetune")  # a kill before record_stage: run finetune again
     write_allocation(project / ALLOCATION_FILE, settings.names, settings.order,
                      settings.criterion)

@@ -8,6 +8,7 @@ import torch
 
 from tests.helpers import DATA, sample_ids
 from nsn_cli import load
+from nsn_cli.nested.state import nested_state
 from nsn_cli.nested.surgery import nested_layers
 from nsn_cli.project.files import sha256_file
 from nsn_cli.project.integrity import verify_project
@@ -55,7 +56,7 @@ def test_first_finetune_redecomposes_by_whitened_svd_and_records_it(project, tin
     assert verify_project(project).problems == []
 
     model, _ = load(project)
-    assert getattr(model, "_nsn_settings", None) is not None  # the ordering reloads
+    assert nested_state(model).settings is not None  # the ordering reloads
     ids = sample_ids(2, 12)
     with torch.no_grad():  # full rank: the same function as before
         torch.testing.assert_close(model(input_ids=ids).logits, plain(input_ids=ids).logits,
