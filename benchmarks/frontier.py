@@ -119,8 +119,8 @@ def run_path(work: Path, tree: Path, name: str, train: Path, test: Path, steps: 
     flags = ["--ladder", "1.0"] if dense else []
     seconds = nsn(tree, "finetune", str(project), "--data", str(train), "--steps", str(steps),
                   "--batch-size", "32", *flags, *extra, threads=threads)
-    nsn(ROOT, "profile", str(project), "--data", str(test), "--repeats", "1", "--warmup", "0",
-        *(["--baseline"] if dense else []), threads=threads)
+    nsn(ROOT, "profile", str(project), "--data", str(test), "--repeats", "1",
+        "--warmup-passes", "0", *(["--baseline"] if dense else []), threads=threads)
     doc = json.loads((project / "profile" / "profile.json").read_text())
     manifest = json.loads((project / "nsn.json").read_text())
     inner = manifest["stages"]["finetune"]["summary"].get("seconds_this_run")

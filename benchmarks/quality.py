@@ -321,7 +321,7 @@ def run_setup(name: str, work: Path, args) -> str:
         metric = "accuracy % (NLL)" if name == "seq-cls" else "perplexity"
         return payoff_table(f"{name}, svd+uniform after {args.ft_steps} finetune steps "
                             f"(dense {cell(dense)})", metric, r["payoff"])
-    for method in METHODS:
+    for method in args.methods.split(","):
         results[method] = run_method(work, source, task, train, method, args.ft_steps, batches,
                                      labels, seq_len, samples)
         print(f"  {name} {method}: {json.dumps(results[method])}", file=sys.stderr, flush=True)
@@ -338,6 +338,8 @@ def run_setup(name: str, work: Path, args) -> str:
 def main() -> None:
     parser = base_parser(__doc__.splitlines()[0])
     parser.add_argument("--setups", default="seq-cls,causal-lm")
+    parser.add_argument("--methods", default=",".join(METHODS),
+                        help=f"comma-separated, from: {', '.join(METHODS)}")
     parser.add_argument("--ft-steps", type=int, default=None, help="nsn finetune steps per method")
     parser.add_argument("--data", default=str(FINE_TOPICS),
                         help="labelled sentences for the classifier (JSONL: text, label)")

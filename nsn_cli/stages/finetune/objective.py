@@ -21,6 +21,7 @@
 
 from __future__ import annotations
 
+import math
 import random
 from dataclasses import dataclass
 
