@@ -149,7 +149,8 @@ def test_help_imports_no_torch():
 # ---------------------------------------------------------------- the data options, once
 
 def test_data_options_are_dataspecs_fields_plus_seq_len():
-    spec = {f.name for f in fields(DataSpec)} - {"seed"}
+    # `whole` is not a flag: profile sets it for data that is not finetune's.
+    spec = {f.name for f in fields(DataSpec)} - {"seed", "whole"}
     assert {f.name for f in fields(DataOptions)} == spec | {"seq_len"}
     for cls in (FinetuneConfig, ProfileConfig):
         assert {f.name for f in fields(DataOptions)} <= {f.name for f in fields(cls)}
@@ -159,7 +160,7 @@ def test_finetune_defaults_are_the_loaders():
     cfg = FinetuneConfig(data="d")
     assert cfg.data_spec(seed=3) == DataSpec(data="d", seed=3)
     for f in fields(DataSpec):
-        if f.name not in ("data", "seed"):
+        if f.name not in ("data", "seed", "whole"):
             assert getattr(cfg, f.name) == f.default, f.name
 
 
