@@ -15,6 +15,7 @@ manifest already calibrated and never does it again; so does any later finetune.
 
 from __future__ import annotations
 
+import shutil
 import time
 from pathlib import Path
 
@@ -63,6 +64,9 @@ def write_calibrated(project: Path, model: nn.Module, tokenizer, config: dict,
                      settings.criterion)
     with staging_dir(project / MODEL_DIR) as tmp:
         save_model(model, tokenizer, tmp)
+        for extra in (project / MODEL_DIR).iterdir():  # convert's model card and the like
+            if extra.is_file() and not (tmp / extra.name).exists():
+                shutil.copyfile(extra, tmp / extra.name)
     allocation = file_record(project / ALLOCATION_FILE, project)
     outputs = folder_records(project / MODEL_DIR, project) + [allocation]
     updates = {
