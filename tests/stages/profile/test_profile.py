@@ -326,7 +326,8 @@ def test_named_data_is_measured_whole_finetunes_own_data_only_its_held_out_part(
     assert bert_profile[1].run["samples"] == rows  # --data FILE: every row of it
     project = copy_project(converted, "bert", tmp_path)
     record_stage(project, "finetune", {"data": str(LABELS), "seq_len": 32, "seed": 0,
-                                       "eval_fraction": 0.25}, [], {})
+                                       "eval_fraction": 0.25}, [],
+                 {"data_source": fingerprint(str(LABELS))})  # as finetune records it
     carved = len(load_task_data(DataSpec(data=str(LABELS), eval_fraction=0.25), tokenizer,
                                 "seq-cls", FAST["seq_len"]).eval)
     assert carved < rows
