@@ -4,7 +4,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
@@ -128,16 +127,15 @@ def test_force_replaces_existing_project(tiny_models, tmp_path):
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no leftovers
 
 
-def test_help_is_fast_and_lazy():
-    code = ("import sys, time; t=time.perf_counter(); from nsn_cli.cli import app; "
-            "print(time.perf_counter()-t, 'torch' in sys.modules)")
+def test_help_is_lazy():
+    """`nsn --help` must not import torch (that is what keeps it instant); how fast it is
+    on a given machine is measured, not asserted: `farm-bench -- nsn --help`."""
+    code = "import sys; from nsn_cli.cli import app; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    seconds, torch_loaded = out.stdout.split()
-    assert torch_loaded == "False" and float(seconds) < 1.0
-    start = time.perf_counter()
-    subprocess.run([sys.executable, "-m", "nsn_cli", "--help"], capture_output=True, check=True,
-                   env={**os.environ, "COLUMNS": "100"})
-    assert time.perf_counter() - start < 3.0  # interpreter start included
+    assert out.stdout.split() == ["False"]
+    shown = subprocess.run([sys.executable, "-m", "nsn_cli", "--help"], capture_output=True,
+                           check=True, text=True, env={**os.environ, "COLUMNS": "100"})
+    assert "convert" in shown.stdout and "profile" in shown.stdout
 
 
 def test_nest_head_unties_gpt2_and_reaches_below_the_tied_floor(tiny_models, tmp_path):
