@@ -18,7 +18,7 @@ from nsn_cli.cli.app import app
 
 
 
-def tiny_recipe(tmp_path, model_dir, steps=6, extra=""):
+def tiny_recipe(tmp_path, model_dir, steps=6, extra="", ladder=""):
     path = tmp_path / "tiny.toml"
     path.write_text(f'''name = "tiny"
 model = "{model_dir}"
@@ -32,6 +32,7 @@ steps = {steps}
 batch_size = 4
 eval_every = 3
 save_every = 2
+{ladder}
 [profile]
 batch_size = 8
 repeats = 1
@@ -99,7 +100,9 @@ def test_missing_model_fails_before_any_work(tmp_path):
 
 @pytest.mark.slow
 def test_killed_run_resumes_to_same_result(tiny_models, tmp_path):
-    recipe = tiny_recipe(tmp_path, tiny_models["bert"], steps=24)
+    # The low ladder of test_finetune.py (see LOW_LADDER in tests/project/test_crash.py).
+    recipe = tiny_recipe(tmp_path, tiny_models["bert"], steps=24,
+                         ladder="ladder = [0.53, 0.55, 0.57, 0.6, 1.0]")
     reference = tmp_path / "reference"
     assert runner.invoke(app, ["run", str(recipe), str(reference)]).exit_code == 0
     project = tmp_path / "killed"

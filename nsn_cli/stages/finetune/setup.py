@@ -109,6 +109,10 @@ def load_inputs(cfg: FinetuneConfig, ladder: list[float] | None, dist: Dist) -> 
     if cfg.resume:
         checkpoint = ckpt.find_latest(project / FINETUNE_DIR / CHECKPOINTS)
     model, tokenizer = load_model(project, manifest, checkpoint)
+    if ladder is None and checkpoint is not None:
+        # `auto` resumes on the ladder its run resolved: the floor it starts from moves a
+        # little with the weights (calibration, training), and a resume must not.
+        ladder = (checkpoint.state.get("config") or {}).get("ladder")
     ladder = resolve_ladder(model, ladder)
     task = manifest["task"]
     seq_len = resolve_seq_len(cfg.seq_len, model.config, DEFAULT_MAX_SEQ_LEN)

@@ -80,13 +80,16 @@ def calibrate_first(cfg: FinetuneConfig, inputs, dist) -> None:
     process 0 writes them."""
     from nsn_cli.project.manifest import read_manifest
     from nsn_cli.stages.finetune import calibrate as calib
-    from nsn_cli.stages.finetune.objective import ladder_settings
+    from nsn_cli.stages.finetune.objective import ladder_settings, parse_ladder, resolve_ladder
 
     manifest = read_manifest(Path(cfg.project))
     if inputs.checkpoint is not None or not calib.needs_calibration(
             manifest, cfg.calibrate, inputs.ladder):
         return
     summary = calib.calibrate(inputs.model, inputs.data.train, inputs.pad_id)
+    if parse_ladder(cfg.ladder) is None:  # auto: the floor moved with the new factors
+        inputs.ladder = resolve_ladder(inputs.model, None)
+        inputs.resolved = {**inputs.resolved, "ladder": inputs.ladder}
     inputs.settings = ladder_settings(inputs.model, inputs.ladder)
     inputs.calibration = summary
     if dist.is_main:
