@@ -131,7 +131,11 @@ def load_inputs(cfg: FinetuneConfig, ladder: list[float] | None, dist: Dist) -> 
     resolved = resolved_config(cfg, ladder, seq_len)
     if checkpoint is not None:
         check_resumable(checkpoint, resolved, len(data.train))
-    return Inputs(model, tokenizer, task, seq_len, data, ladder, ladder_settings(model, ladder),
+    # A resume trains the very ranks its run chose: what a budget buys depends a little on
+    # the weights (a layer's gauge-aligned cost), and those have changed since.
+    settings = (checkpoint.state.get("ladder_ranks") if checkpoint is not None else None) \
+        or ladder_settings(model, ladder)
+    return Inputs(model, tokenizer, task, seq_len, data, ladder, settings,
                   pad_id, resolved, checkpoint, head, fingerprint(cfg.data))
 
 

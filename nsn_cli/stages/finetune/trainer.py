@@ -218,7 +218,8 @@ class Trainer:
         self.refuse_nonfinite(f"checkpoint {step}")  # never over good checkpoints
         state = {"samples_seen": step * self.cfg.batch_size * self.cfg.grad_accum,
                  "train_rows": len(self.inputs.data.train),
-                 "config": self.inputs.resolved, **self.state}
+                 "config": self.inputs.resolved, "ladder_ranks": self.inputs.settings,
+                 **self.state}
         if self.sharded:
             return ckpt.save_sharded(self.dir / CHECKPOINTS, step, self.model, self.optimizer,
                                      self.weights.log_vars, state, self.dist,
