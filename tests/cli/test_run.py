@@ -32,8 +32,7 @@ steps = {steps}
 batch_size = 4
 eval_every = 3
 save_every = 2
-{ladder}
-[profile]
+{ladder}[profile]
 batch_size = 8
 repeats = 1
 warmup_passes = 0
@@ -102,7 +101,7 @@ def test_missing_model_fails_before_any_work(tmp_path):
 def test_killed_run_resumes_to_same_result(tiny_models, tmp_path):
     # The low ladder of test_finetune.py (see LOW_LADDER in tests/project/test_crash.py).
     recipe = tiny_recipe(tmp_path, tiny_models["bert"], steps=24,
-                         ladder="ladder = [0.53, 0.55, 0.57, 0.6, 1.0]")
+                         ladder="ladder = [0.53, 0.55, 0.57, 0.6, 1.0]\n")
     reference = tmp_path / "reference"
     assert runner.invoke(app, ["run", str(recipe), str(reference)]).exit_code == 0
     project = tmp_path / "killed"
