@@ -9,7 +9,9 @@ counts for one forward pass divided by the number of tokens:
   factored 2·r·(d_in + d_out) up to the break-even rank);
   layers that run once per sequence (a pooler, a classifier on [CLS]) count 1/seq_len;
 * attention: the score (QKᵀ) and value (AV) matmuls, 4·seq_len·heads·head_dim per layer;
-* embeddings, norms, activations and softmax: 0 (no matmul).
+* embeddings, norms, activations and softmax: 0 (no matmul);
+* a fixed-rank layer of a factored export (nested/fixed.py): its pair's
+  2·r·(d_in + d_out − r), at 2·d_in·d_out in the dense original.
 
 Which layers run per token and which per sequence is found by one tiny probe forward.
 The budget fraction is always relative to the original dense model at the same seq_len.
@@ -24,9 +26,10 @@ import torch
 from torch import nn
 
 from nsn_cli.errors import BudgetError, UsageError
+from nsn_cli.nested.fixed import GaugeLinear, fixed_refusal, is_fixed
 from nsn_cli.nested.layer import NestedLinear, evaluating, transient
-from nsn_cli.nested.settings import (SettingsFamily, UniformSettings, highest_within,
-                                     ranks_for_fraction)
+from nsn_cli.nested.settings import (FixedSettings, SettingsFamily, UniformSettings,
+                                     highest_within, ranks_for_fraction)
 from nsn_cli.nested.state import nested_state
 from nsn_cli.nested.surgery import dense_weight, linear_like, nested_layers, weight_sharers
 
@@ -42,19 +45,29 @@ class CostTable:
     nested: dict[str, bool]  # name -> per_sequence
     attention_width: int  # Σ over layers of heads·head_dim
     layers: dict[str, NestedLinear] = field(repr=False, default_factory=dict)
+    # name -> (d_in, d_out, FLOPs per row, per_sequence): an export's fixed-rank layers
+    pinned: dict[str, tuple[int, int, int, bool]] = field(default_factory=dict)
 
     def attention_flops(self, seq_len: int) -> float:
         return 4.0 * seq_len * self.attention_width
 
-    def fixed_flops(self, seq_len: int = DEFAULT_SEQ_LEN) -> float:
-        """FLOPs per token that no rank changes: attention and the layers not nested."""
+    def plain_flops(self, seq_len: int = DEFAULT_SEQ_LEN) -> float:
+        """FLOPs per token of attention and the layers not nested."""
         return self.attention_flops(seq_len) + sum(
             2 * d_in * d_out / (seq_len if per_seq else 1)
             for d_in, d_out, per_seq in self.dense.values())
 
+    def fixed_flops(self, seq_len: int = DEFAULT_SEQ_LEN) -> float:
+        """FLOPs per token that no rank changes: attention, the layers not nested, and
+        the fixed-rank layers at their stored rank."""
+        return self.plain_flops(seq_len) + sum(
+            flops / (seq_len if per_seq else 1) for _, _, flops, per_seq in self.pinned.values())
+
     def dense_flops(self, seq_len: int = DEFAULT_SEQ_LEN) -> float:
-        """FLOPs per token of the original model (every nested layer dense)."""
-        total = self.fixed_flops(seq_len)
+        """FLOPs per token of the original model (every nested and fixed layer dense)."""
+        total = self.plain_flops(seq_len) + sum(
+            2 * d_in * d_out / (seq_len if per_seq else 1)
+            for d_in, d_out, _, per_seq in self.pinned.values())
         for name, per_seq in self.nested.items():
             layer = self.layers[name]
             total += 2 * layer.d_in * layer.d_out / (seq_len if per_seq else 1)
@@ -91,17 +104,19 @@ def cost_table(model: nn.Module, refresh: bool = False) -> CostTable:
     if cached is not None and not refresh and same_layers(cached.layers, layers):
         return cached
     rows = probe_rows(model)
-    dense, nested = {}, {}
+    dense, nested, pinned = {}, {}, {}
     for name, module in model.named_modules():
         if name not in rows:
             continue
         per_seq = rows[name] == 1  # one row per sequence, not one per token
         if isinstance(module, NestedLinear):
             nested[name] = per_seq
+        elif isinstance(module, GaugeLinear):
+            pinned[name] = (module.d_in, module.d_out, module.flops_per_token(), per_seq)
         else:
             d_out, d_in = dense_weight(module).shape
             dense[name] = (d_in, d_out, per_seq)
-    state.cost = CostTable(dense, nested, attention_width(model.config), layers)
+    state.cost = CostTable(dense, nested, attention_width(model.config), layers, pinned)
     return state.cost
 
 
@@ -114,7 +129,7 @@ def probe_rows(model: nn.Module) -> dict[str, int]:
     rows: dict[str, int] = {}
     hooks = []
     for name, module in model.named_modules():
-        if isinstance(module, NestedLinear) or linear_like(module):
+        if isinstance(module, (NestedLinear, GaugeLinear)) or linear_like(module):
             def hook(mod, args, _out, name=name):
                 x = args[0]
                 rows[name] = rows.get(name, 0) + x.numel() // x.shape[-1]
@@ -143,10 +158,17 @@ def set_rank(model: nn.Module, fraction: float | None = None, rank: int | None =
              ) -> dict[str, int]:
     """Set every nested layer to `fraction` of its R, or to the absolute `rank`."""
     layers = nested_layers(model)
-    if not layers:
-        raise UsageError("this model has no nested layers (convert it first)")
     if (fraction is None) == (rank is None):
         raise UsageError("give exactly one of fraction= or rank=")
+    if is_fixed(model):  # one setting: every layer at its stored rank (fraction 1)
+        if fraction != 1:
+            what = f"rank {rank}" if rank is not None else f"rank fraction {fraction:g}"
+            raise BudgetError(fixed_refusal(what))
+        ranks = {n: m.max_rank for n, m in layers.items()}
+        apply_ranks(model, ranks)
+        return ranks
+    if not layers:
+        raise UsageError("this model has no nested layers (convert it first)")
     if fraction is not None:
         if not 0 < fraction <= 1:
             raise UsageError(f"rank fraction must be in (0, 1], got {fraction}")
@@ -184,6 +206,8 @@ def settings_for(model: nn.Module, layers: dict[str, NestedLinear] | None = None
     transforms) is refused here, rather than applying ranks the layers do not have.
     """
     layers = nested_layers(model) if layers is None else layers
+    if is_fixed(model):
+        return FixedSettings(layers)
     custom = nested_state(model).settings
     if custom is None:
         return UniformSettings(layers)
@@ -207,7 +231,9 @@ def set_budget(model: nn.Module, budget: float, seq_len: int = DEFAULT_SEQ_LEN) 
     best = highest_within(settings, cost, budget * dense * (1 + 1e-12))
     if best < 0:
         floor = cost(settings.ranks(0)) / dense
-        raise BudgetError(floor_message(model, table, floor, budget, seq_len), floor=floor)
+        message = fixed_refusal(f"budget {budget:g}", floor, seq_len) if is_fixed(model) \
+            else floor_message(model, table, floor, budget, seq_len)
+        raise BudgetError(message, floor=floor)
     ranks = settings.ranks(best)
     apply_ranks(model, ranks)
     flops = cost(ranks)

@@ -146,10 +146,12 @@ def _output_side(rows: torch.Tensor, pair: Pair) -> torch.Tensor:
     """[z, Û z] in pivot order, z = K x + b_P. A large batch writes both halves into one
     buffer (no concatenation pass); a few rows concatenate, because matmuls into a
     strided output cost a copy that dominates one-row products (and under autocast,
-    which does not cast the inputs of out= variants)."""
+    which does not cast the inputs of out= variants, and autograd, which cannot record
+    them: a fixed-rank export's pair is made of parameters)."""
     k_t, u_t = pair.k.t(), pair.u_hat.t()
     if (rows.shape[0] < BUFFER_FROM_ROWS or rows.dtype != pair.k.dtype
-            or torch.is_autocast_enabled(rows.device.type)):  # autocast skips out= ops
+            or torch.is_autocast_enabled(rows.device.type)  # autocast skips out= ops
+            or (torch.is_grad_enabled() and (pair.k.requires_grad or rows.requires_grad))):
         if pair.bias is None:
             z = torch.mm(rows, k_t)
             return torch.cat([z, torch.mm(z, u_t)], 1)

@@ -2,8 +2,9 @@
 
 A *settings family* is a sequence of per-layer rank settings, cheapest first, in which
 setting i+1 never has a lower rank anywhere than setting i (so its cost never falls).
-Two implement it: `UniformSettings` (the same fraction of R in every layer) and
-allocation.GlobalSettings (rank 1 everywhere plus a prefix of the global ordering).
+Three implement it: `UniformSettings` (the same fraction of R in every layer),
+allocation.GlobalSettings (rank 1 everywhere plus a prefix of the global ordering) and
+`FixedSettings` (a fixed-rank export's one setting: nested/fixed.py).
 Both budgets (`set_budget`) and ladder points (`allocation.ranks_at`) pick a setting
 with `highest_within`, so the two can never disagree about what "fits" means.
 """
@@ -41,6 +42,22 @@ class UniformSettings:
 
     def ranks(self, index: int) -> dict[str, int]:
         return ranks_for_fraction(self.layers, self.fractions[index])
+
+
+class FixedSettings:
+    """The one setting of a model fixed at its export's setting: every layer at its R
+    (its fixed-rank layers have only that one)."""
+
+    def __init__(self, layers: dict[str, NestedLinear]):
+        self.layers = layers
+
+    def __len__(self) -> int:
+        return 1
+
+    def ranks(self, index: int) -> dict[str, int]:
+        if index != 0:
+            raise IndexError(index)
+        return {n: m.max_rank for n, m in self.layers.items()}
 
 
 def highest_within(family: SettingsFamily, cost: Callable[[dict[str, int]], float],

@@ -7,7 +7,10 @@ beyond its modules lives in one `NestedState` on it:
   the layer is nested or its shell built, so merging back gives the original class;
 * `settings`: the model's own family of rank settings (its global ordering), or None
   for uniform fractions of R (budget.settings_for gives the family either way);
-* `cost`: the cached CostTable (budget.cost_table rebuilds it when the layers change).
+* `cost`: the cached CostTable (budget.cost_table rebuilds it when the layers change);
+* `fixed`: name -> stored form ('gauge' / 'dense') of each layer a factored export no
+  longer lets switch rank (nested/fixed.py): non-empty means the model is fixed at its
+  one setting.
 
 Every transform that changes the nested layers (nested/transforms.py) updates it, so
 nothing downstream ever reads a family or cost table of layers that no longer exist.
@@ -32,6 +35,7 @@ class NestedState:
     kinds: dict[str, str] = field(default_factory=dict)
     settings: GlobalSettings | None = None
     cost: CostTable | None = field(default=None, repr=False)
+    fixed: dict[str, str] = field(default_factory=dict)
 
 
 def nested_state(model: nn.Module) -> NestedState:

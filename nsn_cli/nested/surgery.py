@@ -17,6 +17,7 @@ from torch import nn
 
 from nsn_cli.nested.decompose import svd_factors_many
 from nsn_cli.errors import UsageError
+from nsn_cli.nested.fixed import FORMS, GaugeLinear
 from nsn_cli.nested.memory import release_pages
 from nsn_cli.nested.layer import NestedLinear
 from nsn_cli.nested.state import nested_state
@@ -37,9 +38,15 @@ class ModuleSpec:
     d_out: int
     max_rank: int
     bias: bool
+    # How the weights file holds it (nested/fixed.py FORMS): a project's layers are always
+    # "factors" and their entries leave the key out; an export names every layer's.
+    stored: str = "factors"
 
     def to_json(self) -> dict:
-        return asdict(self)
+        entry = asdict(self)
+        if self.stored == "factors":
+            del entry["stored"]
+        return entry
 
 
 def conv1d_class():
@@ -205,16 +212,29 @@ def nest_model(model: nn.Module, specs: list[ModuleSpec], method: str = "auto",
 
 
 def build_shells(model: nn.Module, specs: Iterable[ModuleSpec]) -> None:
-    """Put uninitialised NestedLinear layers where the manifest says (before loading weights)."""
+    """Put uninitialised layers where the manifest says (before loading weights): a
+    NestedLinear for factors, a GaugeLinear for a stored pair; a layer stored dense stays
+    the architecture's own plain layer (checked to be the one the entry describes)."""
     layers = candidate_layers(model)
+    state = nested_state(model)
     for spec in specs:
         old = layers.get(spec.name)
-        if old is None:
-            raise KeyError(spec.name)
-        shell = NestedLinear(spec.d_in, spec.d_out, spec.max_rank, bias=spec.bias,
-                             dtype=old.weight.dtype, device=old.weight.device)
+        if old is None or spec.stored not in FORMS:
+            raise KeyError(spec.name if old is None else f"stored {spec.stored!r}")
+        kw = {"bias": spec.bias, "dtype": old.weight.dtype, "device": old.weight.device}
+        if spec.stored == "dense":
+            if (linear_like(old) != spec.kind or list(dense_weight(old).shape)
+                    != [spec.d_out, spec.d_in] or (old.bias is not None) != spec.bias):
+                raise KeyError(f"{spec.name} is not a {spec.kind} of {spec.d_in} -> {spec.d_out}")
+            state.fixed[spec.name] = "dense"
+            continue
+        if spec.stored == "gauge":
+            shell = GaugeLinear(spec.d_in, spec.d_out, spec.max_rank, **kw)
+            state.fixed[spec.name] = "gauge"
+        else:
+            shell = NestedLinear(spec.d_in, spec.d_out, spec.max_rank, **kw)
         replace_module(model, spec.name, shell)
-        nested_state(model).kinds[spec.name] = spec.kind
+        state.kinds[spec.name] = spec.kind
 
 
 def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:

@@ -98,14 +98,27 @@ def modules_problem(project: Path, manifest: dict) -> str | None:
         return None  # reported as missing or refused by the file checks
     shapes = weight_shapes(weights)
     for i, module in enumerate(manifest["modules"]):
-        name, rank = module["name"], module["max_rank"]
-        for part, shape in (("A", [rank, module["d_in"]]), ("B", [module["d_out"], rank])):
+        name = module["name"]
+        for part, shape in stored_shapes(module).items():
             found = shapes.get(f"{name}.{part}")
             if found != shape:
                 return (f"{manifest_path(project)} does not match {weights}: modules[{i}] "
                         f"({name}) needs {part} of shape {shape}, the file holds "
                         f"{found or 'no such tensor'}; {mismatch_advice(project, manifest)}")
     return None
+
+
+def stored_shapes(module: dict) -> dict[str, list[int]]:
+    """Tensor (of the layer) -> shape, for the form its entry says the file holds."""
+    rank, d_in, d_out = module["max_rank"], module["d_in"], module["d_out"]
+    stored = module.get("stored", "factors")
+    if stored == "gauge":
+        from nsn_cli.nested.fixed import GaugeLinear
+
+        return GaugeLinear.shapes(d_in, d_out, rank, module["bias"])
+    if stored == "dense":  # GPT-2's Conv1D stores its weight d_in × d_out
+        return {"weight": [d_in, d_out] if module["kind"] == "conv1d" else [d_out, d_in]}
+    return {"A": [rank, d_in], "B": [d_out, rank]}
 
 
 def mismatch_advice(project: Path, manifest: dict) -> str:

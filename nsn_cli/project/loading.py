@@ -197,6 +197,7 @@ def load(project, device: str | torch.device = "cpu", dtype: torch.dtype | None 
     check_shapes(shell, weights)
     model = build_model(project, manifest, config)
     load_weights(model, weights)
+    check_pairs(model, weights)
     model.to(device=device, dtype=dtype).eval()
     tokenizer = None
     with contextlib.suppress(OSError, ValueError):
@@ -240,6 +241,17 @@ def check_shapes(shell: nn.Module, weights: Path) -> None:
             raise ProjectError(f"{weights} does not match {weights.parent / 'config.json'}: "
                                f"{name} is {found} in the file but {list(tensor.shape)} in the "
                                "model the config describes (the project is corrupt)")
+
+
+def check_pairs(model: nn.Module, weights: Path) -> None:
+    """A stored gauge-aligned pair (a factored export) must hold a real permutation: an
+    index out of range would fail deep inside the first forward instead."""
+    from nsn_cli.nested.fixed import fixed_layers
+
+    for name, layer in fixed_layers(model).items():
+        problem = layer.problem()
+        if problem:
+            raise ProjectError(f"{weights} is corrupt: {name}.{problem}")
 
 
 def read_model_config(model_dir: Path):

@@ -39,6 +39,9 @@ RECIPE_KEYS = {"path": str, "sha256": str, "name": str, "stages": dict, "started
 MODULE_KEYS = {"name": str, "kind": str, "d_in": int, "d_out": int, "max_rank": int,
                "bias": bool}
 MODULE_KINDS = ("linear", "conv1d")
+# How the weights file holds a layer (optional; absent: factors). nested/fixed.py FORMS,
+# spelled here too so reading a manifest never imports torch (a test keeps them equal).
+STORED_FORMS = ("factors", "gauge", "dense")
 MAX_DIM = 2**24  # wider than any layer of any model (vocabularies included): corrupt
 MODULE_NAME = re.compile(r"[A-Za-z0-9_]+(\.[A-Za-z0-9_]+)*")
 STAGE_KEYS = {"config": dict, "outputs": list, "summary": dict}
@@ -112,9 +115,12 @@ def check_fields(entry, keys: dict, where: str, path: Path, required: bool = Tru
 
 def validate_module(module, where: str, path: Path) -> None:
     check_fields(module, MODULE_KEYS, where, path)
+    check_fields(module, {"stored": str}, where, path, required=False)
     problem = None
     if module["kind"] not in MODULE_KINDS:
         problem = f"kind must be one of {', '.join(MODULE_KINDS)}"
+    elif module.get("stored", "factors") not in STORED_FORMS:
+        problem = f"stored must be one of {', '.join(STORED_FORMS)}"
     elif not MODULE_NAME.fullmatch(module["name"]):
         problem = f"name {module['name']!r} is not a module path"
     elif min(module["d_in"], module["d_out"], module["max_rank"]) < 1:
@@ -125,6 +131,12 @@ def validate_module(module, where: str, path: Path) -> None:
         problem = "max_rank exceeds min(d_in, d_out)"
     if problem:
         raise ProjectError(f"{path} is corrupt: {where}: {problem}")
+
+
+def fixed_modules(manifest: dict) -> list[str]:
+    """Layers a factored export stores as a gauge-aligned pair or dense weight: they no
+    longer switch rank, so such a project is fixed at its setting."""
+    return [m["name"] for m in manifest["modules"] if m.get("stored", "factors") != "factors"]
 
 
 def validate_allocation(allocation: dict, path: Path) -> None:

@@ -1,8 +1,14 @@
 """Turn one setting of a nested model into a deployable model.
 
-* `factored`: every nested layer keeps only its first r components (A[:r], B[:, :r]),
-  so the file is smaller and `nsn_cli.load` gives the same outputs as the project at
-  that setting (the export's full rank *is* that setting).
+* `factored`: every nested layer is stored in the smallest exact form of the path it
+  runs at the setting (nested/fixed.py): the gauge-aligned pair, r·(d_in + d_out − r)
+  numbers, below `dense_from`; a plain dense weight from there on; its first r factor
+  components where the pair's block is ill-conditioned. The manifest names each
+  layer's form (`stored`); `nsn_cli.load` gives the same outputs and FLOPs as the
+  project at that setting, and the export is fixed at it. `--keep-nested` keeps the
+  first r components of every layer instead (A[:r], B[:, :r]; larger above the
+  break-even rank), which still switch to lower budgets: the export's full rank *is*
+  the setting.
 * `merged`: every nested layer becomes a plain dense layer holding B_r A_r, in the
   class it replaced (nn.Linear, or GPT-2's Conv1D with its weight transposed), so
   `AutoModelFor….from_pretrained` loads it with no nsn code at all.
@@ -18,12 +24,13 @@ from pathlib import Path
 
 from torch import nn
 
+from nsn_cli.nested.fixed import FORMS as FORMS_STORED
 from nsn_cli.nested.budget import DEFAULT_SEQ_LEN, cost_table, set_budget, set_rank
 from nsn_cli.stages.config import ExportConfig, to_dict
 from nsn_cli.errors import UsageError
 from nsn_cli.nested.state import nested_state
 from nsn_cli.nested.surgery import nested_layers
-from nsn_cli.nested.transforms import merge_layers, truncate_layers
+from nsn_cli.nested.transforms import fix_layers, merge_layers, truncate_layers
 from nsn_cli.project.manifest import MODEL_DIR, read_manifest, write_manifest
 from nsn_cli.project.files import atomic_write_json, folder_records
 from nsn_cli.project.lock import ensure_empty_target
@@ -66,6 +73,8 @@ class ExportResult:
 def validate(cfg: ExportConfig) -> None:
     if cfg.format not in FORMATS:
         raise UsageError(f"--format must be one of {', '.join(FORMATS)}, got {cfg.format!r}")
+    if cfg.keep_nested and cfg.format != "factored":
+        raise UsageError("--keep-nested only applies to --format factored")
     if (cfg.budget is None) == (cfg.rank_fraction is None):
         raise UsageError("give exactly one of --budget or --rank-fraction")
     for flag, value in (("--budget", cfg.budget), ("--rank-fraction", cfg.rank_fraction)):
@@ -165,19 +174,35 @@ def write_factored(model: nn.Module, tokenizer, tmp: Path, cfg: ExportConfig, ch
                    manifest: dict) -> int:
     from nsn_cli.project.loading import save_model
 
-    ranks = truncate_layers(model)  # the model's ordering is cut to these ranks too
+    if cfg.keep_nested:  # the model's ordering is cut to these ranks too
+        forms = {n: ("factors", r) for n, r in truncate_layers(model).items()}
+    else:  # a fixed model: no ordering to keep
+        forms = fix_layers(model)
     save_model(model, tokenizer, tmp / MODEL_DIR)
     out = {k: v for k, v in manifest.items() if k != "stages"}
-    out["modules"] = [dict(m, max_rank=ranks[m["name"]]) for m in manifest["modules"]]
+    out["modules"] = [stored_entry(m, forms) for m in manifest["modules"]]
     allocation = truncated_allocation(model, manifest, tmp)
     if allocation:
         out["allocation"] = allocation
+    if nested_state(model).fixed:  # one setting: no ordering (nor its file) to keep
+        out["allocation"] = {"method": "fixed"}
     card(tmp, cfg, chosen, manifest, count_params(model))
     outputs = folder_records(tmp, tmp)
+    counts = {form: sum(f == form for f, _ in forms.values()) for form in FORMS_STORED}
     out["stages"] = {"export": {"config": to_dict(cfg), "outputs": outputs,
-                                "summary": provenance(cfg, chosen, manifest)}}
+                                "summary": provenance(cfg, chosen, manifest) | {"stored": counts}}}
     write_manifest(tmp, out)
     return count_params(model)
+
+
+def stored_entry(module: dict, forms: dict[str, tuple[str, int]]) -> dict:
+    """The export's manifest entry of one layer: its rank and how the file stores it
+    (named for every layer, so loading never guesses; an already fixed layer of an
+    export being exported again keeps its entry)."""
+    entry = dict(module, stored=module.get("stored", "factors"))
+    if module["name"] in forms:
+        entry["stored"], entry["max_rank"] = forms[module["name"]]
+    return entry
 
 
 def truncated_allocation(model: nn.Module, manifest: dict, tmp: Path) -> dict | None:

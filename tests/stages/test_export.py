@@ -68,10 +68,10 @@ def test_merged_gpt2_keeps_conv1d_layers(converted, tmp_path):
 
 
 @pytest.mark.parametrize("family", ["gpt2", "bert"])
-def test_factored_export_reloads_matches_and_is_smaller(family, converted, tmp_path):
+def test_keep_nested_export_reloads_matches_and_is_smaller(family, converted, tmp_path):
     dest = tmp_path / "factored"
     result = export(ExportConfig(project=str(converted[family]), dest=str(dest), budget=0.5,
-                                 seq_len=SEQ_LEN))
+                                 seq_len=SEQ_LEN, keep_nested=True))
     small, _ = load(dest)
     nested, choice = nested_at(converted[family], 0.5)
     assert {n: m.max_rank for n, m in nested_layers(small).items()} == choice.ranks
@@ -88,7 +88,8 @@ def test_factored_export_reloads_matches_and_is_smaller(family, converted, tmp_p
 
 def test_factored_export_by_rank_fraction(converted, tmp_path):
     dest = tmp_path / "factored"
-    export(ExportConfig(project=str(converted["llama"]), dest=str(dest), rank_fraction=0.25))
+    export(ExportConfig(project=str(converted["llama"]), dest=str(dest), rank_fraction=0.25,
+                        keep_nested=True))
     small, _ = load(dest)
     original, _ = load(converted["llama"])
     for name, layer in nested_layers(small).items():
@@ -100,7 +101,8 @@ def test_global_allocation_survives_a_factored_export(tiny_models, tmp_path):
     convert(ConvertConfig(model=str(tiny_models["llama"]), out_dir=str(project),
                           allocation="global"))
     dest = tmp_path / "factored"
-    export(ExportConfig(project=str(project), dest=str(dest), budget=0.6, seq_len=SEQ_LEN))
+    export(ExportConfig(project=str(project), dest=str(dest), budget=0.6, seq_len=SEQ_LEN,
+                        keep_nested=True))
     nested, choice = nested_at(project, 0.6)
     small, _ = load(dest)
     assert nested_state(small).settings is not None  # the truncated ordering was written and loaded
@@ -195,7 +197,7 @@ def test_budgets_work_on_a_loaded_factored_export_of_a_calibrated_model(calibrat
                                                                         tmp_path):
     dest = tmp_path / "factored"
     export(ExportConfig(project=str(calibrated_gpt2), dest=str(dest), budget=0.7,
-                        seq_len=SEQ_LEN))
+                        seq_len=SEQ_LEN, keep_nested=True))
     kept = nested_at(calibrated_gpt2, 0.7)[1].ranks
     small, _ = load(dest)
     assert_budgets_work(small, kept)

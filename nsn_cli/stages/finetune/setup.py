@@ -21,7 +21,7 @@ from nsn_cli.errors import DataError, ModelError, UsageError
 from nsn_cli.nested.layer import NestedLinear
 from nsn_cli.stages.finetune.objective import (OBJECTIVES, ladder_settings, parse_ladder,
                                                resolve_ladder)
-from nsn_cli.project.manifest import MODEL_DIR, read_manifest
+from nsn_cli.project.manifest import MODEL_DIR, fixed_modules, read_manifest
 from nsn_cli.stages.runtime import resolve_seq_len
 from nsn_cli.project.provenance import fingerprint
 from nsn_cli.project.safety import refuse_symlinks
@@ -104,6 +104,12 @@ def resolved_config(cfg: FinetuneConfig, ladder: list[float], seq_len: int) -> d
 def load_inputs(cfg: FinetuneConfig, ladder: list[float] | None, dist: Dist) -> Inputs:
     project = Path(cfg.project)
     manifest = read_manifest(project)
+    fixed = fixed_modules(manifest)
+    if fixed:
+        raise UsageError(f"{project} is a factored export fixed at its setting ({len(fixed)} "
+                         f"layers, e.g. {fixed[0]}, stored as gauge-aligned pairs or dense "
+                         "weights): finetune the project it came from, or export it with "
+                         "--keep-nested")
     refuse_symlinks(project, MODEL_DIR, FINETUNE_DIR)  # a fresh run deletes finetune/
     checkpoint = None
     if cfg.resume:

@@ -16,6 +16,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
 from nsn_cli.nested.budget import flop_counter
+from nsn_cli.nested.fixed import stored_form, stored_numel
 from nsn_cli.stages.evaluate import forward_kwargs
 from nsn_cli.nested.surgery import nested_layers
 
@@ -145,10 +146,11 @@ def unique_parameters(model: nn.Module) -> list[torch.Tensor]:
 def active_weights(model: nn.Module) -> tuple[int, int]:
     """(parameters, bytes read by the forward) at the active setting.
 
-    Parameters count what a factored export of the setting holds: r·(d_in + d_out)
-    per nested layer plus every other parameter. Bytes count what the forward reads on
-    the path each layer takes (half its FLOPs per row): the gauge-aligned pair
-    r·(d_in + d_out − r), the merged d_out × d_in matrix, or the factor prefixes.
+    Parameters count what a factored export of the setting holds: each nested layer in
+    its stored form (nested/fixed.py: the gauge-aligned pair r·(d_in + d_out − r), the
+    dense d_out × d_in matrix, or the factor prefixes r·(d_in + d_out)) plus every other
+    parameter (an export's own fixed-rank layers among them). Bytes count what the
+    forward reads on the path each layer takes (half its FLOPs per row).
     """
     layers = nested_layers(model)
     inside = {id(p) for layer in layers.values() for p in layer.parameters()}
@@ -159,8 +161,8 @@ def active_weights(model: nn.Module) -> tuple[int, int]:
             bytes_read += p.numel() * p.element_size()
     for layer in layers.values():
         size = layer.A.element_size()
-        factored = layer.rank * (layer.d_in + layer.d_out)
+        stored = stored_numel(layer, stored_form(layer, build=False))
         bias = layer.d_out if layer.bias is not None else 0
-        params += factored + bias
+        params += stored + bias
         bytes_read += (layer.flops_per_token() // 2 + bias) * size
     return params, bytes_read

@@ -38,6 +38,7 @@ from nsn_cli.project.manifest import read_manifest
 from nsn_cli.project.safety import refuse_symlinks
 from nsn_cli.stages.profile.outputs import COLUMN_TYPES, MB, columns_for, run_record, write_outputs
 from nsn_cli.stages.profile.points import DEFAULT_BUDGETS, Point, ladder_points, plan_points
+from nsn_cli.nested.fixed import fixed_layers
 from nsn_cli.nested.surgery import nested_layers
 from nsn_cli.nested.transforms import merge_layers
 
@@ -75,7 +76,9 @@ def measure(model: nn.Module, point: Point, bench: Bench) -> dict:
     layers = nested_layers(model)
     ranks = [m.rank for m in layers.values()]
     fractions = [m.rank / m.max_rank for m in layers.values()]
-    flops = cost_table(model).flops(seq_len=bench.seq_len) if layers else bench.dense_flops
+    counted_layers = layers or fixed_layers(model)  # a plain model costs the dense FLOPs
+    flops = cost_table(model).flops(seq_len=bench.seq_len) if counted_layers \
+        else bench.dense_flops
     bench.eval_result = result
     return {"variant": point.variant, "budget": point.budget, "rank_fraction": point.rank_fraction,
             "mean_rank_fraction": sum(fractions) / len(fractions) if fractions else None,
