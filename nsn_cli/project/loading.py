@@ -1,8 +1,9 @@
 """Load pretrained source models and nsn projects; save a model in the HF layout.
 
-`load(project)` rebuilds the HF model from its config, puts NestedLinear shells where
-the manifest says, and fills every tensor from `nsn.safetensors` (strictly: a missing
-or extra tensor is an error, never a silently random weight).
+`load(project)` rebuilds the HF model from its config, puts NestedLinear shells (or, in
+a factored export, the fixed-rank layers its manifest names: nested/fixed.py) where the
+manifest says, and fills every tensor from `nsn.safetensors` (strictly: a missing or
+extra tensor is an error, never a silently random weight).
 """
 
 from __future__ import annotations

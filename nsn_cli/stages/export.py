@@ -68,6 +68,7 @@ class ExportResult:
     size_bytes: int
     ranks: dict[str, int]
     pushed: str | None = None  # the Hub URL, with --push-to-hub
+    stored: dict[str, int] | None = None  # factored: layers per stored form
 
 
 def validate(cfg: ExportConfig) -> None:
@@ -124,7 +125,7 @@ def export(cfg: ExportConfig) -> ExportResult:
 
         pushed = push_folder(dest, cfg.push_to_hub, f"nsn export ({cfg.format})")
     return ExportResult(dest, cfg.format, chosen["flops_fraction"], params, size,
-                        chosen["ranks"], pushed)
+                        chosen["ranks"], pushed, chosen.get("stored"))
 
 
 def dense_params(model: nn.Module) -> int:
@@ -189,8 +190,9 @@ def write_factored(model: nn.Module, tokenizer, tmp: Path, cfg: ExportConfig, ch
     card(tmp, cfg, chosen, manifest, count_params(model))
     outputs = folder_records(tmp, tmp)
     counts = {form: sum(f == form for f, _ in forms.values()) for form in FORMS_STORED}
-    out["stages"] = {"export": {"config": to_dict(cfg), "outputs": outputs,
-                                "summary": provenance(cfg, chosen, manifest) | {"stored": counts}}}
+    chosen["stored"] = counts
+    summary = provenance(cfg, chosen, manifest) | {"stored": counts}
+    out["stages"] = {"export": {"config": to_dict(cfg), "outputs": outputs, "summary": summary}}
     write_manifest(tmp, out)
     return count_params(model)
 

@@ -29,6 +29,7 @@ def nested_setting(model, budget: float | None, rank_fraction: float | None,
     """Put `model` at a budget or rank fraction (full rank when neither is given) and say
     where it landed: what lm-eval's results do not record by themselves."""
     from nsn_cli.nested.budget import cost_table, set_rank
+    from nsn_cli.nested.fixed import fixed_layers
     from nsn_cli.nested.surgery import nested_layers
     from nsn_cli.stages.export import apply_setting
 
@@ -41,7 +42,8 @@ def nested_setting(model, budget: float | None, rank_fraction: float | None,
         chosen = apply_setting(model, budget, rank_fraction, seq_len)
     table = cost_table(model)
     return {"budget": budget, "rank_fraction": rank_fraction, "seq_len": seq_len,
-            "ranks": {name: layer.rank for name, layer in nested_layers(model).items()},
+            "ranks": {name: layer.rank for name, layer  # an export's fixed layers too
+                      in {**nested_layers(model), **fixed_layers(model)}.items()},
             "flops_per_token": table.flops(seq_len=seq_len),
             "flops_fraction": chosen["flops_fraction"]}
 

@@ -14,6 +14,7 @@ from nsn_cli.errors import BudgetError, ProjectError, UsageError
 from nsn_cli.nested.budget import cost_table
 from nsn_cli.nested.fixed import GaugeLinear, fixed_layers
 from nsn_cli.nested.layer import NestedLinear
+from nsn_cli.nested.state import nested_state
 from nsn_cli.nested.surgery import linear_like, nested_layers
 from nsn_cli.nested.transforms import merge_layers
 from nsn_cli.project.integrity import verify_project
@@ -86,6 +87,8 @@ def test_each_layer_is_held_in_the_form_its_entry_names(family, converted, expor
             assert layers[name].path() == form
         if form == "gauge":
             assert module.rank == choice.ranks[name]
+    # What makes the loaded model fixed: each layer that no longer switches, by name.
+    assert nested_state(small).fixed == {n: f for n, f in forms.items() if f != "factors"}
     summary = manifest["stages"]["export"]["summary"]
     assert summary["stored"] == {f: list(forms.values()).count(f)
                                  for f in ("factors", "gauge", "dense")}

@@ -127,6 +127,9 @@ def print_export(console, result) -> None:
                          ("ranks (min / max)", f"{min(ranks)} / {max(ranks)}"),
                          ("parameters", f"{result.params:,}"),
                          ("weights file size", f"{result.size_bytes / 1e6:.2f} MB"),
+                         *([("layers stored as", ", ".join(
+                             f"{form} {n}" for form, n in result.stored.items() if n))]
+                           if result.stored else []),
                          *([("uploaded to", result.pushed)] if result.pushed else [])):
         table.add_row(label, value)
     console.print(table)
