@@ -182,14 +182,10 @@ class ExportConfig:
     dest: str = opt(None, "Directory to write the exported model to.")
     budget: float | None = opt(None, "FLOPs budget as a fraction of the dense model.")
     rank_fraction: float | None = opt(None, "Fraction of R in every layer (instead of --budget).")
-    format: Literal["factored", "merged"] = opt("factored", "factored (nsn project at this "
-                                  "setting, each layer in its smallest exact form: the "
-                                  "gauge-aligned pair, a dense weight or the first r components; "
-                                  "load with nsn_cli.load) or merged (plain HF model, dense "
-                                  "B_r A_r; loads with from_pretrained).")
-    keep_nested: bool = opt(False, "factored: keep the first r factor components of every "
-                                   "layer instead, so the export still switches to lower "
-                                   "budgets (larger: r·(d_in + d_out) numbers per layer).")
+    format: Literal["factored", "merged"] = opt("factored", "factored (nsn_cli.load; each layer "
+        "in its smallest exact form: gauge-aligned pair, dense weight or first r factors) or "
+        "merged (plain HF model, dense B_r A_r; loads with from_pretrained).")
+    keep_nested: bool = opt(False, "factored: every layer's first r factors (switches budgets).")
     seq_len: int | None = opt(None, "Sequence length the budget's FLOPs are counted at "
                                     "(default: the profile's, else 128).")
     force: bool = opt(False, "Replace DEST if it exists and is not empty.")
