@@ -31,10 +31,12 @@ from functools import partial
 import torch
 from torch import nn
 
-from nsn_cli.errors import ProjectError, UsageError
+from nsn_cli.errors import BudgetError, ProjectError, UsageError
 from nsn_cli.nested.budget import DEFAULT_SEQ_LEN, cost_table, settings_for
+from nsn_cli.nested.fixed import fixed_refusal
 from nsn_cli.nested.layer import NestedLinear, evaluating, transient
-from nsn_cli.nested.settings import UniformSettings, highest_within, ranks_for_fraction
+from nsn_cli.nested.settings import (FixedSettings, UniformSettings, highest_within,
+                                     ranks_for_fraction)
 from nsn_cli.nested.state import nested_state
 from nsn_cli.nested.surgery import nested_layers
 
@@ -254,6 +256,8 @@ def ranks_at(model: nn.Module, fraction: float, seq_len: int = DEFAULT_SEQ_LEN
     settings = settings_for(model, layers)
     if isinstance(settings, UniformSettings):
         return uniform
+    if isinstance(settings, FixedSettings) and fraction < 1:
+        raise BudgetError(fixed_refusal(f"rank fraction {fraction:g}"))
     table = cost_table(model)
     limit = table.flops(uniform, seq_len) * (1 + 1e-12)
     best = highest_within(settings, partial(table.flops, seq_len=seq_len), limit)

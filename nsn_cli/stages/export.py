@@ -189,7 +189,8 @@ def write_factored(model: nn.Module, tokenizer, tmp: Path, cfg: ExportConfig, ch
         out["allocation"] = {"method": "fixed"}
     card(tmp, cfg, chosen, manifest, count_params(model))
     outputs = folder_records(tmp, tmp)
-    counts = {form: sum(f == form for f, _ in forms.values()) for form in FORMS_STORED}
+    stored = [m["stored"] for m in out["modules"]]
+    counts = {form: stored.count(form) for form in FORMS_STORED}
     chosen["stored"] = counts
     summary = provenance(cfg, chosen, manifest) | {"stored": counts}
     out["stages"] = {"export": {"config": to_dict(cfg), "outputs": outputs, "summary": summary}}

@@ -11,6 +11,7 @@ from tests.helpers import TINY_TEXT, runner, sample_ids
 from nsn_cli import load, set_budget, set_rank
 from nsn_cli.cli.app import app
 from nsn_cli.errors import BudgetError, ProjectError, UsageError
+from nsn_cli.nested.allocation import ranks_at
 from nsn_cli.nested.budget import cost_table
 from nsn_cli.nested.fixed import GaugeLinear, fixed_layers
 from nsn_cli.nested.layer import NestedLinear
@@ -122,11 +123,13 @@ def test_low_ranks_keep_factors_and_still_switch(converted, tmp_path):
 def test_lower_settings_are_one_clear_error(exports):
     small, _ = load(exports["gpt2"][0])
     for request in (lambda: set_budget(small, 0.3, seq_len=SEQ_LEN),
-                    lambda: set_rank(small, fraction=0.5), lambda: set_rank(small, rank=2)):
+                    lambda: set_rank(small, fraction=0.5), lambda: set_rank(small, rank=2),
+                    lambda: ranks_at(small, 0.5)):
         with pytest.raises(BudgetError, match="fixed at its setting") as caught:
             request()
         assert "\n" not in str(caught.value) and "--keep-nested" in str(caught.value)
     assert set_rank(small, fraction=1.0) == {}  # every layer already at its one rank
+    assert ranks_at(small, 1.0) == {}
 
 
 def test_merging_it_gives_the_same_outputs(exports):
@@ -196,3 +199,17 @@ def test_keep_nested_is_a_flag_of_factored_exports_only(converted, tmp_path):
     assert set_budget(small, 0.5, seq_len=SEQ_LEN).flops_fraction <= 0.5  # still switches
     with pytest.raises(UsageError, match="--keep-nested only applies"):
         exported(converted["gpt2"], tmp_path / "m", HIGH, format="merged", keep_nested=True)
+
+
+def test_the_lm_eval_adapter_runs_it_at_its_setting(converted, exports):
+    pytest.importorskip("lm_eval")
+    from nsn_cli.stages.lm_eval_model import NsnLM
+
+    lm = NsnLM(pretrained=str(exports["gpt2"][0]), seq_len=SEQ_LEN, batch_size=2)
+    _, choice = project_at(converted, "gpt2", HIGH)
+    assert lm.nsn["flops_fraction"] == pytest.approx(choice.flops_fraction)
+    forms = {m["name"]: m["stored"] for m in read_manifest(exports["gpt2"][0])["modules"]}
+    # The pairs' ranks too (a layer stored dense is a plain layer again: no rank).
+    assert lm.nsn["ranks"] == {n: r for n, r in choice.ranks.items() if forms[n] != "dense"}
+    with pytest.raises(BudgetError, match="fixed at its setting"):
+        NsnLM(pretrained=str(exports["gpt2"][0]), budget=0.3, seq_len=SEQ_LEN)
