@@ -1,11 +1,10 @@
 """In-memory transforms of a nested model that change its layers, keeping its state true.
 
 * `truncate_layers`: each nested layer keeps only its active rank's components, so its
-  R becomes that rank (a factored export is this, saved);
+  R becomes that rank (a `--keep-nested` factored export is this, saved);
 * `fix_layers`: each nested layer becomes the smallest exact form of the path it runs at
   its active rank (nested/fixed.py): its gauge-aligned pair, a plain dense layer, or
-  truncated factors (a factored export is this, saved; `truncate_layers` with
-  --keep-nested);
+  truncated factors (a factored export is this, saved);
 * `merge_layers`: each nested (or fixed-rank) layer becomes the plain dense layer B_r A_r
   in the class it replaced (a merged export, and how `nsn profile` builds the dense
   original: the nested model at full rank, merged, runs the original architecture).

@@ -2,8 +2,9 @@
 
 * `factored`: every nested layer is stored in the smallest exact form of the path it
   runs at the setting (nested/fixed.py): the gauge-aligned pair, r·(d_in + d_out − r)
-  numbers, below `dense_from`; a plain dense weight from there on; its first r factor
-  components where the pair's block is ill-conditioned. The manifest names each
+  numbers, below `dense_from` (where fewer bytes than the factors); a plain dense
+  weight from there on; its first r factor components otherwise (low ranks, or an
+  ill-conditioned block). The manifest names each
   layer's form (`stored`); `nsn_cli.load` gives the same outputs and FLOPs as the
   project at that setting, and the export is fixed at it. `--keep-nested` keeps the
   first r components of every layer instead (A[:r], B[:, :r]; larger above the
@@ -24,7 +25,7 @@ from pathlib import Path
 
 from torch import nn
 
-from nsn_cli.nested.fixed import FORMS as FORMS_STORED
+from nsn_cli.nested.fixed import FORMS as FORMS_STORED, fixed_layers
 from nsn_cli.nested.budget import DEFAULT_SEQ_LEN, cost_table, set_budget, set_rank
 from nsn_cli.stages.config import ExportConfig, to_dict
 from nsn_cli.errors import UsageError
@@ -133,6 +134,9 @@ def dense_params(model: nn.Module) -> int:
     total = count_params(model)
     for layer in nested_layers(model).values():
         total += layer.d_in * layer.d_out - layer.A.numel() - layer.B.numel()
+    for layer in fixed_layers(model).values():  # exporting an export again
+        bias = layer.d_out if layer.bias is not None else 0
+        total += layer.d_in * layer.d_out + bias - sum(p.numel() for p in layer.parameters())
     return total
 
 
