@@ -65,6 +65,9 @@ def finetune(cfg: FinetuneConfig, on_start=None, on_step=None, on_eval=None) -> 
         lock = project_lock(Path(cfg.project), "nsn finetune") if dist.is_main \
             else contextlib.nullcontext()
         with lock:
+            # The others read the project only once process 0 holds it and has put back
+            # what a killed run left moved aside (taking the lock does that).
+            dist.barrier()
             inputs = load_inputs(cfg, ladder, dist)
             calibrate_first(cfg, inputs, dist)
             trainer = Trainer(cfg, inputs, dist)
@@ -77,14 +80,20 @@ def finetune(cfg: FinetuneConfig, on_start=None, on_step=None, on_eval=None) -> 
 def calibrate_first(cfg: FinetuneConfig, inputs, dist) -> None:
     """Whitened SVD and the global ordering on the training data, for a project converted
     without calibration (see calibrate.py); every process computes the same factors,
-    process 0 writes them."""
+    process 0 writes them.
+
+    Process 0 decides for all, in a collective that every process reaches only after it
+    has read the project (model/ in load_inputs, nsn.json here), so process 0 writes
+    nothing before the others have read it: one that read nsn.json after process 0
+    recorded the calibration would skip it and train its shard of the old factors."""
     from nsn_cli.project.manifest import read_manifest
     from nsn_cli.stages.finetune import calibrate as calib
     from nsn_cli.stages.finetune.objective import ladder_settings, parse_ladder, resolve_ladder
 
     manifest = read_manifest(Path(cfg.project))
-    if inputs.checkpoint is not None or not calib.needs_calibration(
-            manifest, cfg.calibrate, inputs.ladder):
+    needed = inputs.checkpoint is None and calib.needs_calibration(
+        manifest, cfg.calibrate, inputs.ladder)
+    if not dist.any_(needed and dist.is_main):
         return
     summary = calib.calibrate(inputs.model, inputs.data.train, inputs.pad_id)
     if parse_ladder(cfg.ladder) is None:  # auto: the floor moved with the new factors

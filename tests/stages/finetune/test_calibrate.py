@@ -1,12 +1,13 @@
 """The first finetune of a project converted without --calib calibrates it first."""
 
 import json
+import os
 import shutil
 
 import pytest
 import torch
 
-from tests.helpers import DATA, sample_ids
+from tests.helpers import DATA, sample_ids, snapshot
 from nsn_cli import load
 from nsn_cli.nested.state import nested_state
 from nsn_cli.nested.surgery import nested_layers
@@ -101,3 +102,59 @@ def test_no_calibration_when_switched_off_or_nothing_below_full_rank_trains(proj
     manifest = json.loads((project / "nsn.json").read_text())
     assert manifest["decomposition"]["method"] == "svd" and inputs.calibration is None
     assert not (project / "allocation.json").exists()
+
+
+class Voter:
+    """One process of a two-process run as calibrate_first sees it: `any_` is the
+    collective, answered with process 0's vote (`leader`); `seen` is the calibration
+    method nsn.json recorded at each vote."""
+
+    def __init__(self, rank: int, leader: bool, project):
+        self.rank, self.is_main, self.leader, self.project = rank, rank == 0, leader, project
+        self.seen = []
+
+    def any_(self, flag: bool) -> bool:
+        self.seen.append(json.loads((self.project / "nsn.json").read_text())
+                         ["decomposition"]["method"])
+        return flag or self.leader
+
+
+def test_process_0_decides_before_it_writes_and_the_others_follow(project):
+    """Process 1 reads nsn.json after process 0 recorded the calibration (before the
+    fix, the race that made a sharded first finetune train process 1's rows
+    uncalibrated): it calibrates anyway, as process 0 did, and writes nothing."""
+    cfg = config(project)
+    follower = ft.load_inputs(cfg, [0.55, 0.8, 1.0], ft.setup("cpu"))  # the old model/
+    leader = ft.load_inputs(cfg, [0.55, 0.8, 1.0], ft.setup("cpu"))
+    main = Voter(0, False, project)
+    ft.calibrate_first(cfg, leader, main)
+    assert main.seen == ["svd"]  # it voted before writing the calibration
+    written = snapshot(project)
+    other = Voter(1, True, project)
+    ft.calibrate_first(cfg, follower, other)
+    assert other.seen == ["whitened-svd"] and snapshot(project) == written
+    assert {k: v for k, v in follower.calibration.items() if k != "seconds"} == \
+        {k: v for k, v in leader.calibration.items() if k != "seconds"}
+    assert follower.settings == leader.settings
+    ours, theirs = nested_layers(follower.model), nested_layers(leader.model)
+    for name, layer in ours.items():
+        r = max(1, layer.max_rank // 4)
+        assert torch.equal(layer.dense_weight(r), theirs[name].dense_weight(r)), name
+
+
+def test_other_processes_read_the_project_once_process_0_holds_its_lock(project,
+                                                                         monkeypatch):
+    from nsn_cli.project import lock
+    from nsn_cli.stages.finetune.distributed import Dist
+
+    events = []
+
+    class Recording(Dist):
+        def barrier(self):
+            events.append(("barrier", os.path.realpath(project) in lock._held))
+
+    monkeypatch.setattr(ft, "setup", lambda *a, **k: Recording(0, 1, torch.device("cpu")))
+    load = ft.load_inputs
+    monkeypatch.setattr(ft, "load_inputs", lambda *a: events.append("load") or load(*a))
+    ft.finetune(config(project, steps=2))
+    assert events[:2] == [("barrier", True), "load"]
