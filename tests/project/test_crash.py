@@ -16,7 +16,6 @@ import csv
 import os
 import random
 import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -26,6 +25,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from tests import processes
 from tests.helpers import TINY_TEXT, runner
 from nsn_cli.project import checkpoint as ckpt
 from nsn_cli.cli.app import app
@@ -46,40 +46,39 @@ FINETUNE = ["--data", str(TINY_TEXT), "--seq-len", "32", "--batch-size", "4", "-
 
 
 def nsn(*args, procs: int | None = None) -> subprocess.Popen:
-    """`python -m nsn_cli ARGS`; with `procs`, under torchrun in a session of its own, so a
-    kill takes the launcher and all its workers at once (a node going down)."""
+    """`python -m nsn_cli ARGS`; with `procs`, under torchrun (its workers are found and
+    signalled with it: see tests/processes.py)."""
     launch = ["-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
               str(procs)] if procs else []
     proc = subprocess.Popen([sys.executable, *launch, "-m", "nsn_cli", *map(str, args)],
                             env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                            text=True, start_new_session=bool(procs))
-    proc.nsn_group = bool(procs)
+                            text=True)
+    proc.nsn_workers = procs or 0
     return proc
 
 
-def send(proc: subprocess.Popen, sig: int) -> None:
-    if getattr(proc, "nsn_group", False):
-        os.killpg(proc.pid, sig)
-    else:
-        proc.send_signal(sig)
-
-
 def kill_when(proc: subprocess.Popen, fire, timeout: float = 300) -> bool:
-    """SIGKILL `proc` as soon as `fire()` is true; False if it exited first.
+    """SIGKILL `proc` and every process it started as soon as `fire()` is true; False if
+    it exited first.
 
     A trigger that can tell whether the moment is still on (`fire.still_there`) gets it
-    checked with the process frozen by SIGSTOP: the kill then lands exactly there, or
-    the process resumes and we wait for the next such moment.
+    checked with every process frozen by SIGSTOP: the kill then lands exactly there, or
+    they all resume and we wait for the next such moment.
     """
-    deadline = time.time() + timeout
+    deadline, tree, scanned = time.time() + timeout, processes.Tree(proc.pid), time.time()
     while proc.poll() is None:
+        if len(tree) <= proc.nsn_workers and time.time() - scanned > 0.05:
+            # Found ahead of the moment: a scan of /proc takes milliseconds.
+            tree, scanned = processes.Tree(proc.pid), time.time()
         if fire():
-            send(proc, signal.SIGSTOP)
+            if len(tree) <= proc.nsn_workers:
+                tree = processes.Tree(proc.pid)
+            tree.freeze()
             if getattr(fire, "still_there", lambda: True)():
-                send(proc, signal.SIGKILL)
+                tree.kill()
                 proc.wait()
                 return True
-            send(proc, signal.SIGCONT)
+            tree.thaw()
         assert time.time() < deadline, "the process hung"
         time.sleep(0.0005)
     assert proc.returncode == 0, proc.stderr.read()
@@ -163,18 +162,11 @@ def final_state(project: Path) -> dict:
             "ranks": summary["ranks"], "tokens": summary["train_tokens"]}
 
 
-# Known open (see CHANGELOG): the sharded variant started failing once the first finetune
-# calibrates and the ladder ranks are kept in checkpoints; the kill window between
-# calibration's model/ swap and its manifest write is the first suspect.
-SHARDED_KILL_OPEN = pytest.mark.xfail(reason="open: sharded kill-and-resume after the "
-                                      "calibrating finetune", strict=False)
-
-
-@pytest.mark.parametrize("procs", [None, pytest.param(2, marks=SHARDED_KILL_OPEN)],
-                         ids=["one-process", "fsdp-2-processes"])
+@pytest.mark.parametrize("procs", [None, 2], ids=["one-process", "fsdp-2-processes"])
 def test_killed_and_resumed_finetune_ends_exactly_like_an_uninterrupted_one(converted,
                                                                             tmp_path, procs):
-    """Also sharded: 2 processes with --fsdp, the whole group killed at each moment."""
+    """Also sharded: 2 processes with --fsdp, the launcher and both workers killed at
+    each moment."""
     rng = random.Random(SEED)
     flags = FINETUNE + (["--fsdp"] if procs else [])
     # Dropout masks are drawn from (seed, step, process): the same in the chain and reference.

@@ -10,7 +10,6 @@ sharded run and the shard files themselves.
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 
@@ -18,6 +17,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from tests import processes
 from tests.helpers import REPO, TINY_TEXT, make_tokenizer, tiny_config
 from nsn_cli.project import checkpoint as ckpt
 from nsn_cli.project.manifest import WEIGHTS
@@ -69,16 +69,15 @@ def torchrun(tmp_path, procs: int, **cfg) -> None:
     script.write_text(WORKER)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
            "PYTHONPATH": str(REPO)}
-    # Its own session, so a hang is ended with its workers (they outlive a killed agent).
     proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone",
                              "--nproc-per-node", str(procs), str(script),
                              json.dumps({**FLAGS, **cfg})], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env=env, start_new_session=True)
+                            stderr=subprocess.PIPE, text=True, env=env)
     try:
         _, err = proc.communicate(timeout=600)
     except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.communicate()
+        processes.Tree(proc.pid).kill()  # a hang is ended with its workers (each in a
+        proc.communicate()  # session of its own, they would outlive a killed agent)
         raise
     assert proc.returncode == 0, err[-3000:]
 
