@@ -1,14 +1,16 @@
 """SIGKILL harness: kill `nsn finetune`, `run`, `convert` and `export` at chosen and random
 moments.
 
-A fine-tune is killed three times in a row (mid checkpoint save, at a random point of
-training, while it swaps in the final model) and resumed each time; the chain must end
-with exactly the weights and metrics of an uninterrupted run. After every kill the
+A fine-tune is killed three times in a row (at a seeded depth inside a checkpoint save,
+at a random point of training, while it swaps in the final model) and resumed each
+time; the chain must end with exactly the weights and metrics of an uninterrupted run,
+in one process and in two under torchrun with --fsdp. After every kill the
 index names only complete checkpoints and the project explains its own state. `nsn run`
 is killed inside finetune and inside profile, rerun, and must end like an uninterrupted
 run. A killed convert or export leaves no directory that claims to be complete.
 
-Every process is a real `python -m nsn_cli` subprocess. The random choices come from
+Every process is a real `python -m nsn_cli` subprocess; a kill takes torchrun's
+launcher and all its workers at once (a node going down; see tests/processes.py). The random choices come from
 NSN_CRASH_SEED (printed on failure) so a failing chain can be replayed.
 """
 
@@ -111,6 +113,39 @@ class Appears:
         return bool(self.seen & hidden_names(self.folder, self.prefix))
 
 
+def files_in(folder: Path) -> int:
+    return sum(len(files) for _, _, files in os.walk(folder))
+
+
+class Saving:
+    """A trigger: a checkpoint save under way, with at least `depth` files in its staging
+    directory (a seeded choice between just made and all written but not yet renamed).
+    A save that ends before the trigger saw it that deep lowers the depth by one for the
+    next save, so one of a run's saves is caught. `.seen` is what fired it."""
+
+    def __init__(self, folder: Path, depth: int):
+        self.folder, self.depth, self.before, self.seen, self.watched = \
+            folder, depth, None, set(), set()
+
+    def __call__(self) -> bool:
+        names = hidden_names(self.folder, ".step-")
+        if self.before is None:
+            self.before = names
+        names -= self.before
+        steps = {name.split(".")[1] for name in names}  # .step-N.new-X becomes .step-N.partial-X
+        if self.watched - steps:
+            self.depth = max(0, self.depth - 1)
+        self.watched, self.seen = steps, {n for n in names if self.deep(n)}
+        return bool(self.seen)
+
+    def deep(self, name: str) -> bool:
+        return (self.folder / name).is_dir() and files_in(self.folder / name) >= self.depth
+
+    def still_there(self) -> bool:
+        """After the kill: is the save that fired the trigger left behind half-done?"""
+        return any(self.deep(name) for name in self.seen)
+
+
 def metric_rows(project: Path) -> int:
     try:
         return (project / "finetune" / "metrics.csv").read_text().count("\n") - 1
@@ -121,7 +156,8 @@ def metric_rows(project: Path) -> int:
 def triggers(project: Path, rng: random.Random):
     """(name, fire) for each kill of the chain, in order."""
     checkpoints = project / "finetune" / "checkpoints"
-    at_row, delay = rng.randrange(2, 2 * STEPS), rng.uniform(0, 0.3)
+    # A one-process checkpoint holds 6 files, a 2-process one 8 (each process's shards).
+    depth, at_row, delay = rng.randrange(7), rng.randrange(2, 2 * STEPS), rng.uniform(0, 0.3)
     reached = {}
 
     def random_moment():
@@ -130,7 +166,7 @@ def triggers(project: Path, rng: random.Random):
             return time.time() - reached["t"] >= delay
         return False
 
-    return [("mid checkpoint save", Appears(checkpoints, ".step-")),
+    return [("mid checkpoint save", Saving(checkpoints, depth)),
             (f"after {at_row} metric rows + {delay:.2f}s", random_moment),
             ("while swapping in the final model", Appears(project, ".model."))]
 
@@ -177,8 +213,8 @@ def test_killed_and_resumed_finetune_ends_exactly_like_an_uninterrupted_one(conv
     for name, fire in triggers(chain, rng):
         if kill_when(nsn("finetune", chain, *flags, procs=procs), fire):
             kills.append(name)
-            mid_save += isinstance(fire, Appears) and fire.prefix == ".step-" and \
-                fire.still_there()
+            if isinstance(fire, Saving) and fire.still_there():
+                mid_save, kills[-1] = mid_save + 1, f"{name} ({fire.depth} files in)"
             assert_explainable(chain, f"seed {SEED}, killed {name}")
     print(f"seed {SEED}: killed {kills}; {mid_save} inside a checkpoint save")
     assert len(kills) >= 2, f"seed {SEED}: only {kills} landed"
