@@ -4,14 +4,14 @@ moments.
 A fine-tune is killed three times in a row (at a seeded depth inside a checkpoint save,
 at a random point of training, while it swaps in the final model) and resumed each
 time; the chain must end with exactly the weights and metrics of an uninterrupted run,
-in one process and in two under torchrun with --fsdp. After every kill the
-index names only complete checkpoints and the project explains its own state. `nsn run`
-is killed inside finetune and inside profile, rerun, and must end like an uninterrupted
-run. A killed convert or export leaves no directory that claims to be complete.
+in one process and in two under torchrun with --fsdp. After every kill the index names
+only complete checkpoints and the project explains its own state. `nsn run` is killed
+inside finetune and inside profile, rerun, and must end like an uninterrupted run. A
+killed convert or export leaves no directory that claims to be complete.
 
-Every process is a real `python -m nsn_cli` subprocess; a kill takes torchrun's
-launcher and all its workers at once (a node going down; see tests/processes.py). The random choices come from
-NSN_CRASH_SEED (printed on failure) so a failing chain can be replayed.
+Every process is a real `python -m nsn_cli` subprocess; a kill takes torchrun's launcher
+and all its workers at once (a node going down; see tests/processes.py). The random
+choices come from NSN_CRASH_SEED (printed on failure) so a failing chain can be replayed.
 """
 
 import csv
