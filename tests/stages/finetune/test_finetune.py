@@ -195,6 +195,33 @@ def test_resume_survives_a_kill_while_model_is_being_replaced(lm_project):
     assert (lm_project / "model" / "tokenizer.json").is_file()
 
 
+def test_resume_trains_the_ranks_its_checkpoint_recorded(lm_project, monkeypatch):
+    """What a budget buys moves with the weights, so a resume must not re-resolve the
+    ladder's ranks: it takes them from the checkpoint."""
+    from nsn_cli.stages.finetune import setup
+
+    real = kill_at(monkeypatch, 3)  # after the checkpoint at step 2
+    with pytest.raises(Killed):
+        run(lm_project, steps=4, save_every=2)
+    monkeypatch.setattr(trainer.Trainer, "train_step", real)
+    recorded = ckpt.find_latest(lm_project / "finetune" / "checkpoints").state["ladder_ranks"]
+
+    def resolved_again(*args, **kwargs):
+        raise AssertionError("the resume re-resolved the ladder's ranks")
+
+    monkeypatch.setattr(setup, "ladder_settings", resolved_again)
+    seen = {}
+    real_init = trainer.Trainer.__init__
+
+    def spy(self, cfg, inputs, dist):
+        seen["settings"] = inputs.settings
+        real_init(self, cfg, inputs, dist)
+
+    monkeypatch.setattr(trainer.Trainer, "__init__", spy)
+    result = run(lm_project, steps=4, save_every=2, resume=True)
+    assert result.resumed_from == 2 and seen["settings"] == recorded
+
+
 def test_resume_with_other_settings_is_refused(lm_project):
     run(lm_project, steps=4, save_every=2)
     before = snapshot(lm_project)
