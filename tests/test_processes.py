@@ -4,6 +4,7 @@ whose child is in a session of its own (as torchrun starts its workers)."""
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -15,12 +16,22 @@ LAUNCHER = ("import subprocess, sys, time\n"
             "time.sleep(120)\n")
 
 
+def sleeping(tree: processes.Tree) -> bool:
+    try:
+        return len(tree) == 2 and b"sleep(120)" in Path(
+            f"/proc/{tree.live()[1]}/cmdline").read_bytes()
+    except (OSError, IndexError):
+        return False
+
+
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
 def test_a_tree_stops_and_kills_children_that_left_the_process_group():
     parent = subprocess.Popen([sys.executable, "-c", LAUNCHER])
     try:
         deadline = time.time() + 60
-        while len(tree := processes.Tree(parent.pid)) < 2:
+        # Until the child runs its own program: stopped between fork and exec, it would
+        # keep the parent (waiting in vfork) from ever stopping.
+        while not sleeping(tree := processes.Tree(parent.pid)):
             assert time.time() < deadline, "the child never started"
             time.sleep(0.01)
         child = tree.live()[1]
