@@ -176,9 +176,9 @@ def model_stats(model: nn.Module) -> dict:
 
 
 def nested_stats(model: nn.Module) -> dict:
-    """Parameters after surgery and FLOPs/token at full rank and at the break-even ranks."""
+    """Parameters after surgery and FLOPs/token at full rank and at rank 1 everywhere (the
+    floor: what no budget goes below, because un-nested layers and attention stay)."""
     table = cost_table(model)
-    break_even = {n: max(1, int(m.break_even)) for n, m in table.layers.items()}
     return {"params_after": sum(p.numel() for p in model.parameters()),
             "flops_per_token_full_rank": table.flops(),
-            "flops_per_token_break_even": table.flops(break_even)}
+            "flops_per_token_floor": table.flops({name: 1 for name in table.nested})}

@@ -10,7 +10,7 @@ import torch
 from safetensors import safe_open
 
 from tests.helpers import build_tiny, runner, sample_ids, snapshot
-from nsn_cli import load, set_rank
+from nsn_cli import flops_per_token, load, set_rank
 from nsn_cli.cli.app import app
 from nsn_cli.project.manifest import SCHEMA_VERSION
 from nsn_cli.project.files import sha256_file
@@ -76,7 +76,15 @@ def test_cli_convert_info_and_dry_run(tiny_models, tmp_path):
     assert "layers nested" in result.output and "14" in result.output
     info = runner.invoke(app, ["info", str(out)])
     assert info.exit_code == 0 and "causal-lm" in info.output and "convert" in info.output
-    assert {m["max_rank"] for m in json.loads((out / "nsn.json").read_text())["modules"]} == {4}
+    manifest = json.loads((out / "nsn.json").read_text())
+    assert {m["max_rank"] for m in manifest["modules"]} == {4}
+    # The summary's lowest setting is the model at rank 1 everywhere, as set_rank makes it.
+    model, _ = load(out)
+    set_rank(model, rank=1)
+    floor = manifest["stages"]["convert"]["summary"]["flops_per_token_floor"]
+    assert floor == pytest.approx(flops_per_token(model))
+    assert floor < manifest["stages"]["convert"]["summary"]["flops_per_token_full_rank"]
+    assert "lowest setting (rank 1)" in result.output
 
 
 
