@@ -13,7 +13,10 @@ tens of GB at once, so layers are split into groups under `max_bytes` and each g
 gets its own pass over the calibration batches. Layers that read the same tensor
 (q, k and v of one attention block) share one matrix. The passes run the nested layers
 in their factored form (`transient`): at full rank they would otherwise cache a merged
-dense copy each, i.e. the whole dense model again next to its factors.
+dense copy each, i.e. the whole dense model again next to its factors. A pass stops each
+forward once its group's layers have all read their batch (`runs_once` checks first that
+no layer runs twice per forward), so the blocks after the group, the LM head and their
+memory-mapped source weights are not touched until their own group's pass.
 
 Padding never counts: when a layer sees one row per token, rows at masked positions
 are dropped before accumulating.
@@ -29,9 +32,13 @@ from torch import nn
 
 from nsn_cli.errors import DataError, UsageError
 from nsn_cli.nested.layer import evaluating, transient
+from nsn_cli.nested.memory import release_pages
 from nsn_cli.nested.surgery import candidate_layers, dense_weight
 
-MAX_BYTES = 2 << 30  # second moments held at once before splitting into several passes
+# Second moments held at once before splitting into several passes. With passes that
+# stop at their group's last layer, more groups cost little time; 1 GiB keeps a
+# calibrated convert of a 1B bf16 model under 2.5x its source file (benchmarks/convert.py).
+MAX_BYTES = 1 << 30
 MOMENT_DTYPE = torch.float32
 
 
@@ -45,6 +52,14 @@ class Moments:
     def normalised(self, name: str) -> torch.Tensor:
         """E[xxᵀ]: XᵀX divided by the rows seen (the scale whitening expects)."""
         return self.xtx[name] / max(self.rows[name], 1)
+
+    def take(self, name: str) -> torch.Tensor:
+        """`normalised(name)`, removing the layer's moment: divided in place when no other
+        layer shares the matrix, so passing the result on leaves no other copy alive."""
+        xtx, rows = self.xtx.pop(name), max(self.rows.pop(name), 1)
+        if any(other is xtx for other in self.xtx.values()):
+            return xtx / rows  # q/k/v of one block: the others still need it as it is
+        return xtx.div_(rows)
 
 
 def moment_groups(sizes: dict[str, int], max_bytes: int = MAX_BYTES) -> list[list[str]]:
@@ -77,31 +92,79 @@ def collect_moments(model: nn.Module, names: list[str], batches: Callable[[], It
     if missing:
         raise UsageError(f"cannot calibrate {missing[0]}: not a linear layer of this model")
     sizes = {n: dense_weight(layers[n]).shape[1] for n in names}
+    stop_early = runs_once(model, {n: layers[n] for n in names}, batches)
     moments = Moments()
     for group in moment_groups(sizes, max_bytes):
-        accumulate_group(model, {n: layers[n] for n in group}, batches, moments, on_batch)
+        accumulate_group(model, {n: layers[n] for n in group}, batches, moments, on_batch,
+                         stop_early)
+    check_reached(moments, names)
+    return moments
+
+
+def check_reached(moments: Moments, names: Iterable[str]) -> None:
     empty = [n for n in names if moments.rows.get(n, 0) == 0]
     if empty:
         raise DataError(f"calibration never reached {empty[0]} (no data rows passed through it)")
-    return moments
+
+
+class PassDone(Exception):
+    """Raised by a hook once every layer of a pass has read its batch: the rest of the
+    forward (later blocks, the LM head) cannot change the moments being collected."""
+
+
+def model_inputs(batch: dict) -> dict:
+    return {k: v for k, v in batch.items() if k in ("input_ids", "attention_mask")}
+
+
+def runs_once(model: nn.Module, layers: dict[str, nn.Module],
+              batches: Callable[[], Iterable[dict]]) -> bool:
+    """Whether each of `layers` runs exactly once in a forward (traced on one row of the
+    first batch), so that a pass may stop at its group's last layer. A model that reuses
+    a layer (ALBERT shares one block across depth) needs every forward run to the end."""
+    first = next(iter(batches()), None)
+    if first is None:
+        return False
+    calls = dict.fromkeys(layers, 0)
+
+    def count(name):
+        calls[name] += 1
+
+    handles = [m.register_forward_hook(lambda *_, n=n: count(n)) for n, m in layers.items()]
+    try:
+        with evaluating(model), transient():
+            model(**{k: v[:1] for k, v in model_inputs(first).items()})
+    finally:
+        for handle in handles:
+            handle.remove()
+    return all(n == 1 for n in calls.values())
 
 
 def accumulate_group(model: nn.Module, layers: dict[str, nn.Module],
                      batches: Callable[[], Iterable[dict]], moments: Moments,
-                     on_batch: Callable[[], None] | None) -> None:
-    """One pass over the batches, adding each layer's XᵀX into `moments`."""
-    state = {"mask": None, "last": None}
+                     on_batch: Callable[[], None] | None, stop_early: bool = False) -> None:
+    """One pass over the batches, adding each layer's XᵀX into `moments`.
+
+    With `stop_early` (see `runs_once`) each forward stops once every layer of the group
+    has read its batch: a pass over the first blocks of a deep model then costs those
+    blocks, and never touches (pages in) the source weights of the layers after them.
+    """
+    state = {"mask": None, "last": None, "seen": set()}
 
     def hook(module, args, _out, name):
-        x = args[0].detach()
+        accumulate(name, args[0])
+        state["seen"].add(name)
+        if stop_early and len(state["seen"]) == len(layers):
+            raise PassDone
+
+    def accumulate(name, x):
         last = state["last"]
-        if last is not None and last[0] is args[0] and last[1] in moments.xtx:
+        if last is not None and last[0] is x and last[1] in moments.xtx:
             # The very tensor the previous layer read (q, k, v of one block): share.
             moments.xtx[name] = moments.xtx[last[1]]
             moments.rows[name] = moments.rows[last[1]]
             return
-        state["last"] = (args[0], name)
-        rows = token_rows(x, state["mask"])
+        state["last"] = (x, name)
+        rows = token_rows(x.detach(), state["mask"])
         if name not in moments.xtx:
             moments.xtx[name] = torch.zeros(rows.shape[1], rows.shape[1], dtype=MOMENT_DTYPE)
             moments.rows[name] = 0
@@ -116,7 +179,11 @@ def accumulate_group(model: nn.Module, layers: dict[str, nn.Module],
         with evaluating(model), transient():
             for batch in batches():
                 state["mask"], state["last"] = batch.get("attention_mask"), None
-                model(**{k: v for k, v in batch.items() if k in ("input_ids", "attention_mask")})
+                state["seen"].clear()
+                try:
+                    model(**model_inputs(batch))
+                except PassDone:
+                    pass
                 if on_batch is not None:
                     on_batch()
     finally:
@@ -155,15 +222,24 @@ def nest_activation_aware(model: nn.Module, specs: list, batches: Callable[[], I
     from nsn_cli.nested.surgery import nest_model
 
     energies: dict[str, torch.Tensor] = {}
-    sizes = {s.name: s.d_in for s in specs}
-    for group in moment_groups(sizes, max_bytes):
-        moments = collect_moments(model, group, batches, max_bytes=max(max_bytes, 1 << 62))
+    sources = candidate_layers(model)
+    stop_early = runs_once(model, {s.name: sources[s.name] for s in specs}, batches)
+    for spec in specs:  # the trace paged every source weight in; each pass reads its own
+        release_pages(dense_weight(sources[spec.name]))
+    del sources
+    for group in moment_groups({s.name: s.d_in for s in specs}, max_bytes):
+        layers = candidate_layers(model)
+        moments = Moments()
+        accumulate_group(model, {n: layers[n] for n in group}, batches, moments, None,
+                         stop_early)
+        check_reached(moments, group)
+        del layers
 
         def factor(name, weight, rank, moments=moments):
-            A, B, S = whitened_svd(weight, moments.normalised(name), rank,
+            # take(): a matrix shared by q/k/v lives until its last user
+            A, B, S = whitened_svd(weight, moments.take(name), rank,
                                    DAMPING if damping is None else damping)
             energies[name] = S.to(torch.float64) ** 2
-            del moments.xtx[name]  # a matrix shared by q/k/v lives until its last user
             return A, B
 
         nest_model(model, [s for s in specs if s.name in set(group)], factor_fn=factor,
@@ -192,22 +268,21 @@ def redecompose_whitened(model: nn.Module, batches: Callable[[], Iterable[dict]]
         layer.set_rank(layer.max_rank)
     energies: dict[str, torch.Tensor] = {}
     try:
+        stop_early = runs_once(model, layers, batches)
         for group in moment_groups({n: m.d_in for n, m in layers.items()}, max_bytes):
             moments = Moments()
-            accumulate_group(model, {n: layers[n] for n in group}, batches, moments, None)
+            accumulate_group(model, {n: layers[n] for n in group}, batches, moments, None,
+                             stop_early)
+            check_reached(moments, group)
             for name in group:
-                if moments.rows.get(name, 0) == 0:
-                    raise DataError(f"calibration never reached {name} (no data rows passed "
-                                    "through it)")
                 layer = layers[name]
                 A, B, S = whitened_svd(layer.dense_weight(layer.max_rank),
-                                       moments.normalised(name), layer.max_rank,
+                                       moments.take(name), layer.max_rank,
                                        DAMPING if damping is None else damping)
                 with torch.no_grad():
                     layer.A.copy_(A.to(layer.A.dtype))
                     layer.B.copy_(B.to(layer.B.dtype))
                 energies[name] = S.to(torch.float64) ** 2
-                del moments.xtx[name]
     finally:
         for name, rank in previous.items():
             layers[name].set_rank(rank)

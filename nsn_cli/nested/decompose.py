@@ -132,7 +132,13 @@ def whitened_svd(weight: torch.Tensor, xtx: torch.Tensor, max_rank: int,
         raise ValueError(f"max_rank must be in 1..{min(d_out, d_in)}, got {max_rank}")
     if xtx.shape != (d_in, d_in):
         raise ValueError(f"input moment is {tuple(xtx.shape)}, expected {d_in}×{d_in}")
-    L = input_cholesky(xtx, damping)
+    # The float64 copy is the one the factorisation consumes. Dropping this frame's
+    # reference lets a caller that passed its last one (calibrate.Moments.take) free the
+    # float32 moment first: for an 8192-wide input that is 256 MB of the peak.
+    C = xtx.detach().to(torch.float64, copy=True)
+    del xtx
+    L = cholesky_in_place(C, damping)
+    del C
     M = W @ L
     wide = d_in > d_out  # eigendecompose the d_out × d_out side
     energy, vectors = torch.linalg.eigh(M @ M.T if wide else M.T @ M)
@@ -159,14 +165,31 @@ def input_cholesky(xtx: torch.Tensor, damping: float = DAMPING) -> torch.Tensor:
     rounding) the ridge grows tenfold until Cholesky succeeds; a moment with no usable
     energy (all zero, NaN or inf) falls back to the identity, i.e. plain SVD.
     """
-    # In place where possible: for an 8192-wide input (Llama MLP down projections) each
-    # float64 copy is 512 MB, and the identity is never materialised on the way.
-    d = xtx.shape[0]
-    C = xtx.detach().to(torch.float64)
-    C = torch.add(C, C.T).mul_(0.5)
+    return cholesky_in_place(xtx.detach().to(torch.float64, copy=True), damping)
+
+
+def cholesky_in_place(C: torch.Tensor, damping: float = DAMPING) -> torch.Tensor:
+    """`input_cholesky` of a float64 moment C that it may overwrite (scaled, ridged).
+
+    Only C's lower triangle is read (as LAPACK's Cholesky does), so C is not
+    symmetrised first: for an 8192-wide input (Llama MLP down projections) each float64
+    copy is 512 MB, and this keeps one next to L, never the identity or a transpose.
+    """
+    d = C.shape[0]
     scale = C.diagonal().mean()
     if not torch.isfinite(C).all() or not scale > 0:
         return torch.eye(d, dtype=torch.float64)
+    C.div_(scale)
+    ridge, added = damping, 0.0
+    for _ in range(JITTER_TRIES):
+        C.diagonal().add_(ridge - added)
+        added = ridge
+        L, info = torch.linalg.cholesky_ex(C)
+        if info == 0 and torch.isfinite(L).all():
+            return L.mul_(scale.sqrt())
+        del L
+        ridge = max(ridge * 10, 1e-6)
+    return torch.eye(d, dtype=torch.float64)
     C.div_(scale)
     ridge, added = damping, 0.0
     for _ in range(JITTER_TRIES):

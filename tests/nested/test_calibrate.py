@@ -110,7 +110,9 @@ def test_moments_match_a_direct_computation():
         lambda m, a, o: seen.append(a[0].detach()))
     moments = collect_moments(model, [name, "model.layers.0.self_attn.q_proj"], iterate(batches))
     handle.remove()
-    # The hook above saw every batch once; the rows at masked positions must be dropped.
+    # The hook above saw every batch once (after the one-row trace of `runs_once`); the
+    # rows at masked positions must be dropped.
+    seen = seen[-len(batches):]
     rows = torch.cat([x[b["attention_mask"].bool()] for x, b in zip(seen, batches)]).double()
     assert moments.rows[name] == int(sum(b["attention_mask"].sum() for b in batches))
     torch.testing.assert_close(moments.xtx[name].double(), rows.T @ rows, rtol=1e-5, atol=1e-6)
@@ -202,3 +204,63 @@ def test_calibration_data_past_the_embedding_is_one_line_and_writes_nothing(tmp_
     assert len(lines) == 1 and "model embeds only 64 tokens" in lines[0], result.stderr
     assert not (tmp_path / "out").exists()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+def test_a_pass_stops_after_its_groups_last_layer_with_the_same_moments():
+    model = build_tiny("llama")
+    first = "model.layers.0.self_attn.q_proj"
+    later = candidate_layers(model)["model.layers.1.mlp.down_proj"]
+    calls = []
+    handle = later.register_forward_hook(lambda *_: calls.append(1))
+    early = collect_moments(model, [first], iterate(calibration()))
+    handle.remove()
+    assert len(calls) == 1  # the one-row trace only: no pass ran past layer 0's q_proj
+    from nsn_cli.nested.calibrate import accumulate_group
+
+    whole = Moments()
+    accumulate_group(model, {first: candidate_layers(model)[first]},
+                     iterate(calibration()), whole, None, stop_early=False)
+    torch.testing.assert_close(early.xtx[first], whole.xtx[first])
+    assert early.rows[first] == whole.rows[first]
+
+
+class Reused(torch.nn.Module):
+    """One linear layer applied twice per forward, as ALBERT shares a block across depth."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = torch.nn.Embedding(64, 8)
+        self.layer = torch.nn.Linear(8, 8)
+
+    def forward(self, input_ids, attention_mask=None):
+        return self.layer(torch.tanh(self.layer(self.embed(input_ids))))
+
+
+def test_a_reused_layer_sees_every_call_of_the_forward():
+    torch.manual_seed(0)
+    model = Reused()
+    ids = torch.randint(0, 64, (3, 5))
+    with torch.no_grad():
+        first = model.embed(ids).reshape(-1, 8)
+        second = torch.tanh(model.layer(first))
+    moments = collect_moments(model, ["layer"], iterate([{"input_ids": ids}]))
+    expected = first.T @ first + second.T @ second
+    torch.testing.assert_close(moments.xtx["layer"], expected, rtol=1e-5, atol=1e-5)
+    assert moments.rows["layer"] == 2 * ids.numel()
+
+
+def test_take_normalises_in_place_unless_the_matrix_is_shared():
+    shared, own = torch.full((2, 2), 6.0), torch.full((3, 3), 4.0)
+    moments = Moments({"q": shared, "k": shared, "down": own}, {"q": 3, "k": 3, "down": 2})
+    q = moments.take("q")
+    torch.testing.assert_close(q, torch.full((2, 2), 2.0))
+    assert q is not shared and moments.xtx["k"] is shared and shared[0, 0] == 6.0
+    down = moments.take("down")
+    assert down is own and own[0, 0] == 2.0 and "down" not in moments.xtx
+
+
+def test_cholesky_reads_only_the_lower_triangle():
+    X = anisotropic_inputs(n=64, d=6)
+    C = X.T @ X
+    untidy = C.tril() + torch.triu(torch.full_like(C, 5.0), 1)  # garbage above the diagonal
+    torch.testing.assert_close(input_cholesky(untidy, 1e-2), input_cholesky(C, 1e-2))
