@@ -30,6 +30,8 @@ from dataclasses import dataclass
 
 import torch
 
+from nsn_cli.nested.products import ALIGN
+
 # A pivot below this (on unit-norm columns) marks a nearly dependent column: the block
 # S would amplify fp32 rounding by ~1/PIVOT_TOL, so those ranks use another path.
 PIVOT_TOL = 1e-3
@@ -135,23 +137,41 @@ def apply_pair(x: torch.Tensor, pair: Pair, pivots: Pivots, d_out: int) -> torch
     if pivots.output_side:
         out = _output_side(rows, pair).index_select(1, pivots.inverse)
     else:
-        r = pair.rank
-        gathered = rows.index_select(1, pivots.perm)
-        t = torch.addmm(gathered[:, :r], gathered[:, r:], pair.u_hat)
+        t = _input_side_hidden(rows.index_select(1, pivots.perm), pair)
         out = torch.mm(t, pair.k) if pair.bias is None else torch.addmm(pair.bias, t, pair.k)
     return out.view(*x.shape[:-1], d_out)
 
 
+def _buffered(rows: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether a product may write into a preallocated buffer: a large batch of the
+    weight's dtype, outside autocast (which does not cast the inputs of out= variants)
+    and autograd (which cannot record them: a fixed-rank export's pair is made of
+    parameters). A few rows do better without: matmuls into a strided output cost a copy
+    that dominates one-row products."""
+    return (rows.shape[0] >= BUFFER_FROM_ROWS and rows.dtype == weight.dtype
+            and not torch.is_autocast_enabled(rows.device.type)
+            and not (torch.is_grad_enabled() and (weight.requires_grad or rows.requires_grad)))
+
+
+def _input_side_hidden(gathered: torch.Tensor, pair: Pair) -> torch.Tensor:
+    """t = x_P + x_rest Û, with x in pivot order. A large batch writes t into rows padded
+    to a multiple of ALIGN elements: the next product reads t as its left operand, and
+    on unaligned rows BLAS ran it up to 1.17× slower (square 768 at rank 537, 1024 rows;
+    benchmarks/inference.py measures the whole model)."""
+    r = pair.rank
+    x_p, x_rest = gathered[:, :r], gathered[:, r:]
+    if r % ALIGN == 0 or not _buffered(gathered, pair.u_hat):
+        return torch.addmm(x_p, x_rest, pair.u_hat)
+    padded = torch.empty(gathered.shape[0], -(-r // ALIGN) * ALIGN, dtype=gathered.dtype,
+                         device=gathered.device)
+    return torch.addmm(x_p, x_rest, pair.u_hat, out=padded[:, :r])
+
+
 def _output_side(rows: torch.Tensor, pair: Pair) -> torch.Tensor:
     """[z, Û z] in pivot order, z = K x + b_P. A large batch writes both halves into one
-    buffer (no concatenation pass); a few rows concatenate, because matmuls into a
-    strided output cost a copy that dominates one-row products (and under autocast,
-    which does not cast the inputs of out= variants, and autograd, which cannot record
-    them: a fixed-rank export's pair is made of parameters)."""
+    buffer (no concatenation pass); otherwise (see `_buffered`) they are concatenated."""
     k_t, u_t = pair.k.t(), pair.u_hat.t()
-    if (rows.shape[0] < BUFFER_FROM_ROWS or rows.dtype != pair.k.dtype
-            or torch.is_autocast_enabled(rows.device.type)  # autocast skips out= ops
-            or (torch.is_grad_enabled() and (pair.k.requires_grad or rows.requires_grad))):
+    if not _buffered(rows, pair.k):
         if pair.bias is None:
             z = torch.mm(rows, k_t)
             return torch.cat([z, torch.mm(z, u_t)], 1)
