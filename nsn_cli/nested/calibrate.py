@@ -224,9 +224,12 @@ def nest_activation_aware(model: nn.Module, specs: list, batches: Callable[[], I
     energies: dict[str, torch.Tensor] = {}
     sources = candidate_layers(model)
     stop_early = runs_once(model, {s.name: sources[s.name] for s in specs}, batches)
-    for spec in specs:  # the trace paged every source weight in; each pass reads its own
-        release_pages(dense_weight(sources[spec.name]))
     del sources
+    # The trace paged every weight of a memory-mapped source in, the LM head's (often the
+    # input embedding: 0.5 GB for a 128k vocabulary) too: hand them back; each pass pages
+    # in only what it runs.
+    for param in model.parameters():
+        release_pages(param.detach())
     for group in moment_groups({s.name: s.d_in for s in specs}, max_bytes):
         layers = candidate_layers(model)
         moments = Moments()
