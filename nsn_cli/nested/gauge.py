@@ -37,9 +37,12 @@ from nsn_cli.nested.products import ALIGN
 PIVOT_TOL = 1e-3
 # |Û| beyond this (partial pivoting keeps it near 1 in practice) also means: fall back.
 GROWTH_LIMIT = 1e3
-# Measured (benchmarks/inference.py --gauge-cost, CPU, fp32, n = 768): gathering one
-# element of a row costs about as much as this many FLOPs of the matmuls around it.
+# The cost model behind `dense_from`, both measured on CPU, fp32, n = 768, 1024 rows
+# (benchmarks/gauge_cost.py): gathering one element of a row costs about as much as
+# GATHER_FLOPS FLOPs of the matmuls around it, and the form's two thinner, ragged
+# matmuls do GAUGE_EFFICIENCY of the work per second that one dense product does.
 GATHER_FLOPS = 40
+GAUGE_EFFICIENCY = 0.87
 # From this many rows on, the output side writes into one buffer instead of concatenating.
 BUFFER_FROM_ROWS = 64
 
@@ -70,11 +73,19 @@ class Pair:
         return self.u_hat.numel() + self.k.numel()
 
 
+def gauge_time_ratio(d_in: int, d_out: int, rank: int) -> float:
+    """The gauge form's expected time at `rank` as a fraction of the dense product's:
+    its FLOPs plus the gather's FLOP-equivalent, at GAUGE_EFFICIENCY of dense speed."""
+    n = min(d_in, d_out)
+    gauge = 2 * rank * (d_in + d_out - rank) + GATHER_FLOPS * n
+    return gauge / GAUGE_EFFICIENCY / (2 * d_in * d_out)
+
+
 def dense_from(d_in: int, d_out: int) -> int:
-    """The lowest rank at which the gauge form saves less than its gather costs:
-    2·(n − r)·(m − r) ≤ GATHER_FLOPS·n, with n = min(d_in, d_out), m the other side."""
-    n, m = sorted((d_in, d_out))
-    return next(r for r in range(1, n + 1) if 2 * (n - r) * (m - r) <= GATHER_FLOPS * n)
+    """The lowest rank from which the merged dense matrix is expected to run at least as
+    fast as the gauge form (`gauge_time_ratio` ≥ 1); min(d_in, d_out) at the latest."""
+    n = min(d_in, d_out)
+    return next((r for r in range(1, n) if gauge_time_ratio(d_in, d_out, r) >= 1), n)
 
 
 def side_factor(A: torch.Tensor, B: torch.Tensor) -> tuple[bool, torch.Tensor, torch.Tensor]:

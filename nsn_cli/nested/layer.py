@@ -8,9 +8,9 @@ product 2·r·(d_in + d_out − r): below both at every rank, so there is no bre
 Which path a forward takes is `path` (the rule, and why, in docs/performance.md):
 training and `transient` probes run factored (merged above the break-even rank
 r* = d_in·d_out/(d_in + d_out) for large batches); inference runs gauge-aligned below
-`dense_from` and merged from there, because near full rank the gauge form's gather of
-one row of its smaller side (about GATHER_FLOPS FLOPs per element, measured) costs more
-than the 2·(n − r)·(m − r) FLOPs it saves; an ill-conditioned block, or
+`dense_from` and merged from there, because near full rank the gauge form (its gather
+of one row of its smaller side, its thinner matmuls: gauge.gauge_time_ratio, measured)
+runs no faster than the dense matrix; an ill-conditioned block, or
 `gauge_aligned = False`, falls back to factored up to r* and merged above.
 `flops_per_token` counts the path taken.
 """

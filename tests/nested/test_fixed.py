@@ -117,7 +117,9 @@ def test_the_stored_form_is_the_smallest_exact_one():
     layer = random_layer(96, 64)
     n = 64
     forms = {}
-    for r in (2, 20, dense_from(96, 64), n):
+    high = 50  # runs dense (from dense_from on) and is past break-even: dense is smallest
+    assert dense_from(96, 64) <= high and high * (96 + 64) > 96 * 64
+    for r in (2, 20, high, n):
         layer.set_rank(r)
         forms[r] = stored_form(layer)
         sizes = {f: stored_bytes(layer, f) for f in FORMS}
@@ -125,19 +127,19 @@ def test_the_stored_form_is_the_smallest_exact_one():
                    "factors": True}
         assert sizes[forms[r]] == min(s for f, s in sizes.items() if allowed[f])
     # A low rank: the permutation outweighs the r² numbers the pair saves.
-    assert forms == {2: "factors", 20: "gauge", dense_from(96, 64): "dense", n: "dense"}
+    assert forms == {2: "factors", 20: "gauge", high: "dense", n: "dense"}
     assert stored_numel(layer, "gauge") <= stored_numel(layer, "dense")
 
 
 def test_a_failed_pair_is_stored_as_what_runs_instead():
-    layer = random_layer(96, 64)
+    layer = random_layer(256, 256)  # wide enough to run gauge-aligned past break-even
     layer.pivots()  # (a new factor version clears the failures)
     layer.set_rank(20)
     layer._failed.add(20)  # the block at 20 turned out ill-conditioned
     assert layer.path() == "factored" and stored_form(layer) == "factors"
-    assert layer.break_even < 39 < layer.dense_from  # above break-even it runs merged
-    layer.set_rank(39)
-    layer._failed.add(39)
+    assert layer.break_even < 139 < layer.dense_from  # above break-even it runs merged
+    layer.set_rank(139)
+    layer._failed.add(139)
     assert layer.path() == "dense" and stored_form(layer) == "dense"
 
 

@@ -62,7 +62,8 @@ def test_matches_the_product_on_pretrained_factors_at_every_kind_of_rank(name, s
     layer = pretrained(name)
     assert layer.pivots().output_side == (side == "output")
     x = torch.randn(rows, layer.d_in, generator=torch.Generator().manual_seed(0))
-    ranks = sorted({1, 2, 3, 7, 8, 31, 64, 128, 191, 250, layer.dense_from - 1})
+    ranks = sorted(r for r in {1, 2, 3, 7, 8, 31, 64, 128, 191, 250, layer.dense_from - 1}
+                   if r < layer.dense_from)
     for rank in ranks:
         layer.set_rank(rank)
         with torch.no_grad():
@@ -156,9 +157,18 @@ def test_counted_flops_equal_the_formula_on_every_rank(d_in, d_out, bias):
         assert layer.path() == ("gauge" if rank < layer.dense_from else "dense")
         assert counter.get_total_flops() == 6 * layer.flops_per_token() == 6 * expected
         torch.testing.assert_close(out.double(), reference(layer, x), atol=1e-5, rtol=1e-5)
-    # Dense only where the saved FLOPs fall below the gather's measured cost.
+    # Dense from the first rank where the measured cost model expects dense to be faster.
     r = layer.dense_from
-    assert 2 * (n - r) * (m - r) <= gauge.GATHER_FLOPS * n < 2 * (n - r + 1) * (m - r + 1)
+    assert gauge.gauge_time_ratio(d_in, d_out, r) >= 1 > gauge.gauge_time_ratio(d_in, d_out, r - 1)
+
+
+def test_the_cost_model_counts_the_gather_and_the_slower_matmuls():
+    n = m = 768
+    flops = 2 * 300 * (n + m - 300)
+    expected = (flops + gauge.GATHER_FLOPS * n) / gauge.GAUGE_EFFICIENCY / (2 * n * m)
+    assert gauge.gauge_time_ratio(n, m, 300) == pytest.approx(expected)
+    # 768 x 768: dense from about 0.6 of the rank, where the gauge form's FLOPs are ~0.84
+    assert 0.55 < gauge.dense_from(n, m) / n < 0.65
 
 
 def test_one_inference_copy_no_larger_than_the_dense_matrix():
