@@ -190,17 +190,6 @@ def cholesky_in_place(C: torch.Tensor, damping: float = DAMPING) -> torch.Tensor
         del L
         ridge = max(ridge * 10, 1e-6)
     return torch.eye(d, dtype=torch.float64)
-    C.div_(scale)
-    ridge, added = damping, 0.0
-    for _ in range(JITTER_TRIES):
-        C.diagonal().add_(ridge - added)
-        added = ridge
-        L, info = torch.linalg.cholesky_ex(C)
-        if info == 0 and torch.isfinite(L).all():
-            return L.mul_(scale.sqrt())
-        del L
-        ridge = max(ridge * 10, 1e-6)
-    return torch.eye(d, dtype=torch.float64)
 
 
 def rebalance(A: torch.Tensor, B: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
