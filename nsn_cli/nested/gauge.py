@@ -30,7 +30,7 @@ from dataclasses import dataclass
 
 import torch
 
-from nsn_cli.nested.products import ALIGN
+from nsn_cli.nested.products import ALIGN, aligned_rows
 
 # A pivot below this (on unit-norm columns) marks a nearly dependent column: the block
 # S would amplify fp32 rounding by ~1/PIVOT_TOL, so those ranks use another path.
@@ -173,9 +173,8 @@ def _input_side_hidden(gathered: torch.Tensor, pair: Pair) -> torch.Tensor:
     x_p, x_rest = gathered[:, :r], gathered[:, r:]
     if r % ALIGN == 0 or not _buffered(gathered, pair.u_hat):
         return torch.addmm(x_p, x_rest, pair.u_hat)
-    padded = torch.empty(gathered.shape[0], -(-r // ALIGN) * ALIGN, dtype=gathered.dtype,
-                         device=gathered.device)
-    return torch.addmm(x_p, x_rest, pair.u_hat, out=padded[:, :r])
+    out = aligned_rows(gathered.shape[0], r, gathered)
+    return torch.addmm(x_p, x_rest, pair.u_hat, out=out)
 
 
 def _output_side(rows: torch.Tensor, pair: Pair) -> torch.Tensor:

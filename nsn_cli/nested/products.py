@@ -24,12 +24,16 @@ def padded_product(x, A_r, columns, bias, d_out: int):
     if x.dtype != A_r.dtype or torch.is_autocast_enabled(x.device.type):
         return F.linear(F.linear(x, A_r), columns.t(), bias)
     rows = x.reshape(-1, x.shape[-1])
-    r = A_r.shape[0]
-    padded = torch.empty(rows.shape[0], -(-r // ALIGN) * ALIGN, dtype=x.dtype,
-                         device=x.device)
-    hidden = torch.mm(rows, A_r.t(), out=padded[:, :r])
+    hidden = torch.mm(rows, A_r.t(), out=aligned_rows(rows.shape[0], A_r.shape[0], x))
     out = torch.mm(hidden, columns) if bias is None else torch.addmm(bias, hidden, columns)
     return out.view(*x.shape[:-1], d_out)
+
+
+def aligned_rows(rows: int, width: int, like: torch.Tensor) -> torch.Tensor:
+    """An empty rows × width matrix (dtype and device of `like`) whose rows are padded
+    to a multiple of ALIGN elements: a product written into it reads aligned rows."""
+    padded = torch.empty(rows, -(-width // ALIGN) * ALIGN, dtype=like.dtype, device=like.device)
+    return padded[:, :width]
 
 
 def remerge(A: torch.Tensor, B: torch.Tensor, r: int, old: torch.Tensor | None,

@@ -127,3 +127,20 @@ def test_evaluating_runs_without_grad_in_eval_mode_and_restores_the_mode():
     with evaluating(model):
         pass
     assert not model.training  # a model that was in eval mode stays there
+
+
+def test_factored_inference_on_a_large_batch_matches_the_product():
+    """From PAD_FROM_ROWS rows on, an unaligned rank writes its intermediate into padded
+    rows (products.padded_product): the same numbers as the plain two products."""
+    from nsn_cli.nested.products import ALIGN, PAD_FROM_ROWS
+
+    _, nested = layer()
+    nested.gauge_aligned = False  # the factored path below break-even
+    rank = ALIGN + 1
+    nested.set_rank(rank)
+    x = torch.randn(PAD_FROM_ROWS + 8, nested.d_in, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        out = nested(x)
+        expected = x @ nested.A[:rank].T @ nested.B[:, :rank].T + nested.bias
+    assert nested.path() == "factored"
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
