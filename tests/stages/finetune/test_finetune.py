@@ -76,7 +76,8 @@ def test_learned_weights_settle_at_inverse_losses(lm_project):
     smallest weight and the top rank the largest (every rank trains at every step here,
     so each s_k gets the same number of updates)."""
     ladder = [0.53, 0.7, 1.0]
-    result = run(lm_project, steps=150, batch_size=8, ladder=ladder, ranks_per_step=3)
+    result = run(lm_project, steps=150, batch_size=8, ladder=ladder, ranks_per_step=3,
+                 objective="uncertainty")
     # L_k is what the weight multiplies: the task loss plus, below the top, the distill KL.
     recent = {f: sum(r.losses[f] + r.distill[f] for r in result.history[-10:]) / 10
               for f in ladder}
@@ -131,13 +132,12 @@ def test_outputs_manifest_and_reload(lm_project):
 def test_cli_finetune_prints_a_summary(lm_project):
     out = runner.invoke(app, ["finetune", str(lm_project), "--data", str(TINY_TEXT),
                               "--seq-len", "32", "--steps", "3", "--batch-size", "4",
-                              "--eval-samples", "4", "--ladder", "0.25,1", "--objective",
-                              "uniform"])
+                              "--eval-samples", "4", "--ladder", "0.25,1"])
     assert out.exit_code == 0, out.output
     assert "perplexity before" in out.stdout and "uniform objective" in out.stdout
     metrics = read_csv(lm_project / "finetune" / "metrics.csv")
     assert {r["rank"] for r in metrics} == {"0.25", "1"}
-    assert {float(r["weight"]) for r in metrics} == {0.5}  # the plain average of two ranks
+    assert {float(r["weight"]) for r in metrics} == {0.5}  # the default: the plain average
 
 
 # ---------------------------------------------------------------- resume and failures

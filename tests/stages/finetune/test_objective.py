@@ -60,7 +60,7 @@ def test_rank_draws_clip_to_the_ladder():
 def test_uncertainty_weights_settle_at_inverse_losses():
     """With fixed losses L_k, minimising Σ exp(−s_k)·L_k + s_k gives exp(−s_k) = 1/L_k."""
     losses = torch.tensor([4.0, 2.0, 0.5])
-    weights = RankWeights(3)
+    weights = RankWeights(3, "uncertainty")
     optimizer = torch.optim.Adam(weights.parameters(), lr=0.05)
     for _ in range(600):
         optimizer.zero_grad()
