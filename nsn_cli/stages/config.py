@@ -219,9 +219,8 @@ class FinetuneConfig(DataOptions):
                                  "--sandwich the lowest) plus the rest drawn from the others.")
     sandwich: bool = opt(False, "Train the lowest ladder point at every step too.")
     objective: Literal["uniform", "uncertainty"] = opt(
-        "uniform", "How the ranks of a step are combined: uniform (plain average; the "
-                   "default, measured in benchmarks/frontier.py, see docs/frontier.md) or "
-                   "uncertainty (learned weights exp(-s_k), the paper's).")
+        "uniform", "How the ranks of a step are combined: uniform (plain average; measured "
+                   "best, docs/frontier.md) or uncertainty (the paper's weights exp(-s_k)).")
     distill: bool = opt(True, "Lower ranks also match the top rank's output distribution "
                               "(KL to its detached logits); on by default, as measured in "
                               "benchmarks/finetune_objectives.py (see docs/finetune.md).")
