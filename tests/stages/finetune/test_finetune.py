@@ -521,5 +521,5 @@ def test_two_processes_match_one_with_the_same_global_batch(tmp_path, tokenizer)
             for column in set(ra) - {"step", "rank", "tokens_per_s"}:
                 assert float(ra[column]) == pytest.approx(float(rb[column]), rel=1e-4, abs=1e-5)
     wa, wb = (load_file(str(tmp_path / p / "model" / "nsn.safetensors")) for p in ("one", "two"))
-    for key in wa:
-        torch.testing.assert_close(wa[key], wb[key], atol=1e-5, rtol=1e-4)
+    for key in wa:  # gloo's summation order moves one of 1024 by 1.7e-5; --lr 3% off, by 5e-4
+        torch.testing.assert_close(wa[key], wb[key], atol=5e-5, rtol=1e-4)
