@@ -27,7 +27,7 @@ import quality  # noqa: E402  (the set-ups and the scoring are shared)
 
 OBJECTIVES = {"uniform": ("uniform", False), "uncertainty": ("uncertainty", False),
               "uncertainty + distill": ("uncertainty", True),
-              "uniform + distill (default)": ("uniform", True)}
+              "uniform + distill": ("uniform", True)}
 BUDGETS = (0.25, 0.5, 0.75, 1.0)
 
 
@@ -104,6 +104,14 @@ def measure_truncated(work: Path, source: Path, task: str, batches, labels) -> d
     return measure(project, batches, task, labels)
 
 
+def default_objective() -> str | None:
+    """The OBJECTIVES name of what `nsn finetune` does without flags."""
+    from nsn_cli.stages.config import FinetuneConfig
+
+    defaults = (FinetuneConfig.objective, FinetuneConfig.distill)
+    return next((k for k, v in OBJECTIVES.items() if v == defaults), None)
+
+
 def table(name: str, metric: str, dense: float, results: dict, higher_better: bool) -> str:
     lines = [f"{name}: {metric} at each FLOPs budget (dense original {dense:.3g})", "",
              "| objective | " + " | ".join(f"{f:g}" for f in BUDGETS) + " |",
@@ -116,7 +124,8 @@ def table(name: str, metric: str, dense: float, results: dict, higher_better: bo
             best = max(values) if higher_better else min(values)
             text = f"{row[f][metric]:.3g}"
             cells.append(f"**{text}**" if key in trained and row[f][metric] == best else text)
-        lines.append(f"| {key} | " + " | ".join(cells) + " |")
+        lines.append(f"| {key}{' (default)' if key == default_objective() else ''} | "
+                     + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 

@@ -111,7 +111,7 @@ def ranks_for_step(ladder_size: int, ranks_per_step: int, seed: int, step: int,
 class RankWeights(nn.Module):
     """The learned log-variances s_k (one per ladder point) and how they weight losses."""
 
-    def __init__(self, ladder_size: int, objective: str = "uniform"):
+    def __init__(self, ladder_size: int, objective: str):
         super().__init__()
         if objective not in OBJECTIVES:
             raise UsageError(f"--objective must be one of {', '.join(OBJECTIVES)}, "
