@@ -141,7 +141,7 @@ class ProfileConfig(ProfileData):
     project: str = project_dir()
     batch_size: int = opt(8, "Rows (LM: blocks) per batch, for the metric and the latency.")
     budgets: list[float] | None = opt(None, "FLOPs budgets to measure, as fractions of the "
-                                            "dense model.", unset="12 points from 0.05 to 1")
+                                            "dense model.", unset="13 points from 0.05 to 1")
     rank_fractions: list[float] | None = opt(None, "Measure these fractions of R in every "
                                                    "layer instead of --budgets.")
     baseline: bool = opt(False, "Also measure untrained truncated SVD at the same settings "
@@ -202,8 +202,7 @@ class FinetuneConfig(DataOptions):
     grad_accum: int = opt(1, "Micro-batches per optimizer step.")
     lr: float = opt(1e-4, "Peak learning rate of the model weights (AdamW).")
     scale_lr: float = opt(0.02, "Learning rate of the per-rank log-variances s_k.")
-    warmup: float = opt(0.05, "Fraction of --steps with a linear learning-rate warmup (then "
-                              "cosine decay to a tenth).")
+    warmup: float = opt(0.05, "Fraction of --steps warmed up linearly (then cosine to 0.1×).")
     weight_decay: float = opt(0.01, "AdamW weight decay (matrices only).")
     clip: float = opt(1.0, "Clip the gradient norm to this (0: no clipping).")
     dtype: Literal["float32", "bfloat16"] = opt(
@@ -222,8 +221,9 @@ class FinetuneConfig(DataOptions):
         "uniform", "How the ranks of a step are combined: uniform (plain average; measured "
                    "best, docs/frontier.md) or uncertainty (the paper's weights exp(-s_k)).")
     distill: bool = opt(True, "Lower ranks also match the top rank's output distribution "
-                              "(KL to its detached logits); on by default, as measured in "
-                              "benchmarks/finetune_objectives.py (see docs/finetune.md).")
+                              "(KL to its detached logits; measured in docs/finetune.md).")
+    hidden_distill: float = opt(0.0, "With --distill, also match the top rank's hidden states "
+                                     "at every layer, with this weight (docs/frontier.md).")
     calibrate: bool = opt(True, "A project converted without --calib is first re-decomposed "
                                 "from its exact full-rank weights by whitened SVD on the "
                                 "training data, with the global rank ordering (recorded in "

@@ -20,6 +20,10 @@
   truncation hurts, came out worse on both tasks of benchmarks/frontier.py.
 * `distill` adds, for every rank below the top, the KL divergence from the detached
   top-rank distribution to the rank's own (the top rank teaches the lower ones).
+  `hidden_distill` > 0 adds that weight times the mean, over the transformer layers, of
+  the squared distance from the rank's hidden states to the top rank's (detached),
+  divided by the top rank's per-layer variance: a signal at every layer, not only
+  through the few numbers of the output distribution.
 """
 
 from __future__ import annotations
@@ -161,13 +165,30 @@ class Teacher:
 
     probs: torch.Tensor  # p_top over the classes (or next tokens), detached
     neg_entropy: torch.Tensor  # Σ p_top·log p_top per row: the constant part of the KL
+    hidden: tuple[torch.Tensor, ...] = ()  # the layers' outputs, detached (hidden_distill)
 
 
-def teacher_from(task: str, logits: torch.Tensor) -> Teacher:
+def teacher_from(task: str, logits: torch.Tensor, hidden=None) -> Teacher:
+    """`hidden`: the model's hidden states (embeddings first, as transformers returns
+    them); the embeddings are the same at every rank, so only the layers' are kept."""
     with torch.no_grad():
         log_p = F.log_softmax(predicting(task, logits).float(), dim=-1)
         probs = log_p.exp()
-        return Teacher(probs, (probs * log_p).sum(dim=-1))
+        layers = tuple(h.detach().float() for h in (hidden or ())[1:])
+        return Teacher(probs, (probs * log_p).sum(dim=-1), layers)
+
+
+def hidden_loss(hidden, teacher: Teacher, batch: dict) -> torch.Tensor:
+    """Mean over layers of ‖h_rank − h_top‖² per real token, over the top's variance."""
+    keep = batch["attention_mask"].unsqueeze(-1).to(torch.float32)
+    tokens = keep.sum().clamp_min(1) * teacher.hidden[0].shape[-1]
+    total = torch.zeros((), device=keep.device)
+    for mine, top in zip(hidden[1:], teacher.hidden):
+        mean = (top * keep).sum(dim=(0, 1)) / keep.sum().clamp_min(1)
+        variance = (((top - mean) ** 2) * keep).sum() / tokens
+        error = (((mine.float() - top) ** 2) * keep).sum() / tokens
+        total = total + error / variance.clamp_min(1e-8)
+    return total / len(teacher.hidden)
 
 
 def predicting(task: str, logits: torch.Tensor) -> torch.Tensor:

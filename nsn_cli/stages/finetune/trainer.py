@@ -27,7 +27,8 @@ from nsn_cli.project.data import pad_batch
 from nsn_cli.stages.finetune.distributed import Dist, shard, sync_context, wrap
 from nsn_cli.errors import TrainingError
 from nsn_cli.stages.finetune.setup import CHECKPOINTS, FINETUNE_DIR, Inputs
-from nsn_cli.stages.finetune.objective import RankWeights, distill_loss, ranks_for_step, task_loss, teacher_from
+from nsn_cli.stages.finetune.objective import (RankWeights, distill_loss, hidden_loss,
+                                               ranks_for_step, task_loss, teacher_from)
 from nsn_cli.project.safety import count_nonfinite, refuse_nonfinite
 from nsn_cli.project.shards import is_sharded, local_rows
 from nsn_cli.nested.layer import transient
@@ -116,9 +117,9 @@ class Trainer:
             teacher = None
             for j, index in enumerate(picked):
                 last = micro == cfg.grad_accum - 1 and j == len(picked) - 1
-                loss, kl, logits = self.rank_pass(index, batch, teacher, len(picked), last)
+                loss, kl, out = self.rank_pass(index, batch, teacher, len(picked), last)
                 if cfg.distill and j == 0 and len(picked) > 1:
-                    teacher = teacher_from(self.inputs.task, logits)
+                    teacher = teacher_from(self.inputs.task, out.logits, out.hidden_states)
                 sums[index] += loss / cfg.grad_accum
                 sums[size + index] += kl / cfg.grad_accum
         self.dist.mean_(sums[:-1])
@@ -132,16 +133,20 @@ class Trainer:
                           used, lr, int(sums[-1]), float(sums[-1]) / seconds)
 
     def rank_pass(self, index: int, batch: dict, teacher, active: int, sync: bool):
-        """Forward and backward at one ladder rank; returns (loss, distill, logits)."""
+        """Forward and backward at one ladder rank; returns (loss, distill, the outputs)."""
         apply_ranks(self.model, self.inputs.settings[index])
+        weight = self.cfg.hidden_distill
         with sync_context(self.net, sync), self.autocast():
-            logits = self.net(**self.inputs.forward_args(batch)).logits
-            loss = task_loss(self.inputs.task, logits, batch)
-            kl = (distill_loss(self.inputs.task, logits, teacher, batch)
-                  if teacher is not None else torch.zeros((), device=loss.device))
+            out = self.net(**self.inputs.forward_args(batch), output_hidden_states=weight > 0)
+            loss = task_loss(self.inputs.task, out.logits, batch)
+            kl = torch.zeros((), device=loss.device)
+            if teacher is not None:
+                kl = distill_loss(self.inputs.task, out.logits, teacher, batch)
+                if weight > 0:
+                    kl = kl + weight * hidden_loss(out.hidden_states, teacher, batch)
             term = self.weights.term(index, loss + kl, active) / self.cfg.grad_accum
             term.backward()
-        return float(loss.detach()), float(kl.detach()), logits
+        return float(loss.detach()), float(kl.detach()), out
 
     def finish_step(self, step: int, sums: torch.Tensor, picked: list[int]) -> None:
         """Stop on a non-finite loss or gradient (before any update), then clip and step."""

@@ -9,7 +9,7 @@ from torch import nn
 from nsn_cli.errors import BudgetError
 from nsn_cli.nested.budget import cost_table, set_budget, set_rank
 
-DEFAULT_BUDGETS = (0.05, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
+DEFAULT_BUDGETS = (0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
 
 
 @dataclass

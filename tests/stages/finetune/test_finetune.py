@@ -323,6 +323,20 @@ def test_distill_and_bf16(lm_project, monkeypatch):
     assert all(v == 0.0 for r in plain.history for v in r.distill.values())
 
 
+def test_hidden_distill_adds_a_layer_term_below_the_top(lm_project, tmp_path):
+    """At step 1 the weights are the same in both runs, so the lower rank's KL is too:
+    the hidden-state term is what separates them, and it trains the model differently."""
+    other = shutil.copytree(lm_project, tmp_path / "other")
+    plain = run(lm_project, steps=2)
+    layered = run(other, steps=2, hidden_distill=0.5)
+    first, second = plain.history[0], layered.history[0]
+    low = min(first.distill)
+    assert first.distill[max(first.distill)] == second.distill[max(second.distill)] == 0.0
+    assert second.distill[low] > first.distill[low] + 1e-3
+    assert first.losses == pytest.approx(second.losses)  # the same forward at step 1
+    assert plain.history[1].losses != pytest.approx(layered.history[1].losses)
+
+
 def test_grad_accumulation_reads_the_same_rows(lm_project):
     """batch 2 × 2 micro-batches reads exactly the rows of batch 4 × 1, in order."""
     cfg = FinetuneConfig(project=str(lm_project), data=str(TINY_TEXT), **FAST)

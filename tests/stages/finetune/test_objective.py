@@ -10,7 +10,8 @@ from nsn_cli.nested.settings import ranks_for_fraction
 from nsn_cli.stages.convert import convert_model
 from nsn_cli.errors import UsageError
 from nsn_cli.stages.finetune.objective import (AUTO_BUDGETS, RankWeights, distill_loss,
-                                               floor_fraction, ladder_settings, parse_ladder,
+                                               floor_fraction, hidden_loss, ladder_settings,
+                                               parse_ladder,
                                                ranks_for_step, resolve_ladder, task_loss,
                                                teacher_from)
 from nsn_cli.nested.surgery import nested_layers
@@ -170,3 +171,36 @@ def test_distill_ignores_padded_positions():
     noisy = low.clone()
     noisy[1, 2:] += 100 * torch.randn(4, 11, generator=gen)  # they predict padding
     torch.testing.assert_close(distill_loss("causal-lm", noisy, teacher, batch), loss)
+
+
+def test_hidden_distill_is_the_layers_mean_squared_error_over_their_variance():
+    """Zero at the teacher; otherwise the mean over layers (not the embeddings, which no
+    rank changes) of the squared error per real token and feature, over the teacher's
+    variance; padded positions may hold anything."""
+    model = build_tiny("gpt2")
+    convert_model(model)
+    ids = sample_ids(2, 12)
+    mask = torch.ones_like(ids)
+    mask[1, 7:] = 0
+    batch = {"input_ids": ids, "attention_mask": mask}
+    with torch.no_grad():
+        top = model(input_ids=ids, attention_mask=mask, output_hidden_states=True)
+        for layer in nested_layers(model).values():
+            layer.set_rank(2)
+        low = model(input_ids=ids, attention_mask=mask, output_hidden_states=True)
+    teacher = teacher_from("causal-lm", top.logits, top.hidden_states)
+    assert len(teacher.hidden) == len(top.hidden_states) - 1
+    assert float(hidden_loss(top.hidden_states, teacher, batch)) == pytest.approx(0, abs=1e-7)
+    keep = mask.bool()
+    expected = []
+    for mine, ref in zip(low.hidden_states[1:], top.hidden_states[1:]):
+        real, real_ref = mine[keep], ref[keep]  # (tokens, features)
+        variance = ((real_ref - real_ref.mean(0)) ** 2).mean()
+        expected.append(((real - real_ref) ** 2).mean() / variance)
+    loss = hidden_loss(low.hidden_states, teacher, batch)
+    torch.testing.assert_close(loss, torch.stack(expected).mean())
+    noisy = [h.clone() for h in low.hidden_states]
+    noisy[0] += 5.0  # the embeddings are not compared
+    for h in noisy[1:]:
+        h[1, 7:] += 100.0  # nor are padded positions
+    torch.testing.assert_close(hidden_loss(tuple(noisy), teacher, batch), loss)
