@@ -166,29 +166,42 @@ class Teacher:
     probs: torch.Tensor  # p_top over the classes (or next tokens), detached
     neg_entropy: torch.Tensor  # Σ p_top·log p_top per row: the constant part of the KL
     hidden: tuple[torch.Tensor, ...] = ()  # the layers' outputs, detached (hidden_distill)
+    variances: tuple[torch.Tensor, ...] = ()  # each layer's variance over real tokens
 
 
-def teacher_from(task: str, logits: torch.Tensor, hidden=None) -> Teacher:
+def teacher_from(task: str, logits: torch.Tensor, hidden=None, mask=None) -> Teacher:
     """`hidden`: the model's hidden states (embeddings first, as transformers returns
-    them); the embeddings are the same at every rank, so only the layers' are kept."""
+    them), with `mask` the batch's attention mask; the embeddings are the same at every
+    rank, so only the layers' are kept, each with its variance over the real tokens."""
     with torch.no_grad():
         log_p = F.log_softmax(predicting(task, logits).float(), dim=-1)
         probs = log_p.exp()
         layers = tuple(h.detach().float() for h in (hidden or ())[1:])
-        return Teacher(probs, (probs * log_p).sum(dim=-1), layers)
+        variances = ()
+        if layers:
+            keep, count = real_tokens(mask, layers[0].shape[-1])
+            variances = tuple(token_variance(h, keep, count) for h in layers)
+        return Teacher(probs, (probs * log_p).sum(dim=-1), layers, variances)
+
+
+def real_tokens(mask: torch.Tensor, features: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(the mask as (batch, tokens, 1) floats, the number of real token features)."""
+    keep = mask.unsqueeze(-1).to(torch.float32)
+    return keep, keep.sum().clamp_min(1) * features
+
+
+def token_variance(h: torch.Tensor, keep: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
+    """The variance of `h`'s features over the real tokens, about their per-feature mean."""
+    mean = (h * keep).sum(dim=(0, 1)) / keep.sum().clamp_min(1)
+    return ((((h - mean) ** 2) * keep).sum() / count).clamp_min(1e-8)
 
 
 def hidden_loss(hidden, teacher: Teacher, batch: dict) -> torch.Tensor:
     """Mean over layers of ‖h_rank − h_top‖² per real token, over the top's variance."""
-    keep = batch["attention_mask"].unsqueeze(-1).to(torch.float32)
-    tokens = keep.sum().clamp_min(1) * teacher.hidden[0].shape[-1]
-    total = torch.zeros((), device=keep.device)
-    for mine, top in zip(hidden[1:], teacher.hidden):
-        mean = (top * keep).sum(dim=(0, 1)) / keep.sum().clamp_min(1)
-        variance = (((top - mean) ** 2) * keep).sum() / tokens
-        error = (((mine.float() - top) ** 2) * keep).sum() / tokens
-        total = total + error / variance.clamp_min(1e-8)
-    return total / len(teacher.hidden)
+    keep, count = real_tokens(batch["attention_mask"], teacher.hidden[0].shape[-1])
+    errors = [(((mine.float() - top) ** 2) * keep).sum() / count / variance
+              for mine, top, variance in zip(hidden[1:], teacher.hidden, teacher.variances)]
+    return torch.stack(errors).mean()
 
 
 def predicting(task: str, logits: torch.Tensor) -> torch.Tensor:

@@ -40,7 +40,8 @@ MIN_LR_RATIO = 0.1  # cosine decays to a tenth of the peak
 class StepReport:
     step: int  # optimizer steps done
     losses: dict[float, float]  # ladder fraction -> task loss at that rank
-    distill: dict[float, float]  # ladder fraction -> KL to the top rank (0 without --distill)
+    distill: dict[float, float]  # ladder fraction -> KL to the top rank (+ the hidden-state
+    # term with --hidden-distill; 0 without --distill)
     weights: dict[float, float]  # ladder fraction -> its factor in the objective
     lr: float
     tokens: int  # data tokens in the step, over all processes
@@ -119,7 +120,8 @@ class Trainer:
                 last = micro == cfg.grad_accum - 1 and j == len(picked) - 1
                 loss, kl, out = self.rank_pass(index, batch, teacher, len(picked), last)
                 if cfg.distill and j == 0 and len(picked) > 1:
-                    teacher = teacher_from(self.inputs.task, out.logits, out.hidden_states)
+                    teacher = teacher_from(self.inputs.task, out.logits, out.hidden_states,
+                                           batch["attention_mask"])
                 sums[index] += loss / cfg.grad_accum
                 sums[size + index] += kl / cfg.grad_accum
         self.dist.mean_(sums[:-1])
@@ -135,7 +137,7 @@ class Trainer:
     def rank_pass(self, index: int, batch: dict, teacher, active: int, sync: bool):
         """Forward and backward at one ladder rank; returns (loss, distill, the outputs)."""
         apply_ranks(self.model, self.inputs.settings[index])
-        weight = self.cfg.hidden_distill
+        weight = self.cfg.hidden_distill if self.cfg.distill else 0.0  # only a teacher uses it
         with sync_context(self.net, sync), self.autocast():
             out = self.net(**self.inputs.forward_args(batch), output_hidden_states=weight > 0)
             loss = task_loss(self.inputs.task, out.logits, batch)

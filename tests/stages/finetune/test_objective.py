@@ -188,7 +188,7 @@ def test_hidden_distill_is_the_layers_mean_squared_error_over_their_variance():
         for layer in nested_layers(model).values():
             layer.set_rank(2)
         low = model(input_ids=ids, attention_mask=mask, output_hidden_states=True)
-    teacher = teacher_from("causal-lm", top.logits, top.hidden_states)
+    teacher = teacher_from("causal-lm", top.logits, top.hidden_states, mask)
     assert len(teacher.hidden) == len(top.hidden_states) - 1
     assert float(hidden_loss(top.hidden_states, teacher, batch)) == pytest.approx(0, abs=1e-7)
     keep = mask.bool()
