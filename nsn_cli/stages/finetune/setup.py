@@ -74,7 +74,7 @@ def validate(cfg: FinetuneConfig) -> list[float] | None:
         if getattr(cfg, name) < 1:
             raise UsageError(f"--{name.replace('_', '-')} must be at least 1, "
                              f"got {getattr(cfg, name)}")
-    for name in ("eval_every", "save_every", "weight_decay", "clip"):
+    for name in ("eval_every", "save_every", "weight_decay", "clip", "hidden_distill"):
         if getattr(cfg, name) < 0:
             raise UsageError(f"--{name.replace('_', '-')} must not be negative")
     if not (cfg.lr > 0 and cfg.scale_lr > 0):

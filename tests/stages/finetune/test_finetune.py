@@ -268,6 +268,7 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(lm_project, monkeypat
     ("bad_ladder", "--ladder"),
     ("bad_dtype", "--dtype"),
     ("batch_too_small", "--batch-size"),
+    ("negative_hidden_distill", "--hidden-distill must not be negative"),
 ])
 def test_bad_input_is_one_line_and_changes_nothing(lm_project, tmp_path, case, needle):
     empty = tmp_path / "empty.txt"
@@ -293,6 +294,8 @@ def test_bad_input_is_one_line_and_changes_nothing(lm_project, tmp_path, case, n
         extra = ["--dtype", "fp8"]
     elif case == "batch_too_small":
         extra = ["--batch-size", "0"]
+    elif case == "negative_hidden_distill":
+        extra = ["--hidden-distill", "-1"]
     before = snapshot(tmp_path)
     out = runner.invoke(app, ["finetune", project, "--data", data, "--steps", "2", *extra])
     assert out.exit_code != 0
